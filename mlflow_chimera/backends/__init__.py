@@ -1,0 +1,27 @@
+"""Backends, by name. Each module is imported only when its backend is asked for, so that
+selecting an ONNX Runtime variant never imports torch."""
+
+from __future__ import annotations
+
+import importlib
+
+# name -> (module, class). The order is the default preference when nothing was measured.
+_BACKENDS = {
+    "onnxruntime": ("mlflow_chimera.backends.onnx_runtime", "OnnxRuntimeBackend"),
+    "eager": ("mlflow_chimera.backends.eager", "EagerBackend"),
+}
+
+DEFAULT_ORDER = tuple(_BACKENDS)
+
+
+def names() -> list:
+    return list(_BACKENDS)
+
+
+def get(name: str):
+    """The backend called ``name``; a clear error lists the known ones."""
+    try:
+        module, cls = _BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(_BACKENDS)}") from None
+    return getattr(importlib.import_module(module), cls)()

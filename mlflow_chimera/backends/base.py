@@ -1,0 +1,95 @@
+"""The one small protocol every backend implements.
+
+A backend has one job: given the reference program and options, produce files and provenance
+(``plan`` + ``build``); given a variant directory on a compatible host, return a runner
+(``incompatibility`` + ``load``). It never decides selection, never writes MLmodel and never
+talks to the tracking server.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+
+@dataclass
+class VariantPlan:
+    """A variant to build: identity and build options, before any file exists."""
+
+    id: str
+    backend: str
+    precision: str
+    target: str
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class BuildContext:
+    """What a build gets: the reference (in memory and on disk) and a place to share work
+    between plans of one backend (e.g. the fp32 ONNX file that int8 quantises)."""
+
+    program: object  # torch.export.ExportedProgram
+    program_path: Path
+    signature: object  # reference.Signature
+    example: dict  # {name: ndarray}
+    scratch_dir: Path
+    shared: dict = field(default_factory=dict)
+
+
+@dataclass
+class BuildOutput:
+    provenance: dict
+    requirements: dict
+
+
+@dataclass
+class LoadContext:
+    """What a loader gets besides the variant directory."""
+
+    model_dir: Path
+    signature: object  # reference.Signature
+    reference_sha256: str
+
+
+class Runner(Protocol):
+    """A loaded variant. ``run`` must be safe to call from several threads at once."""
+
+    def run(self, inputs: dict) -> list:  # {name: ndarray} -> [ndarray] in output order
+        ...
+
+
+class Backend(Protocol):
+    name: str
+    needs_torch_at_runtime: bool
+
+    def build_unavailable_reason(self) -> str | None:
+        """Why this host cannot build this backend's variants, or None if it can."""
+
+    def plan(self, precisions: list, host) -> list:
+        """The variants this backend would build here for the requested precisions."""
+
+    def build(self, plan: VariantPlan, out_dir: Path, context: BuildContext) -> BuildOutput:
+        """Write the variant's files into ``out_dir``; return provenance and requirements."""
+
+    def incompatibility(self, variant, host) -> str | None:
+        """Why ``variant`` cannot run on ``host``, or None if it can."""
+
+    def load(self, variant, variant_dir: Path, context: LoadContext) -> Runner:
+        """A runner for a verified variant directory."""
+
+    def pip_requirements(self, variant) -> list:
+        """pip requirements a serving environment needs to run ``variant``."""
+
+
+def major_minor(version: str) -> str:
+    """"2.13.0+cpu" -> "2.13"."""
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
+def pin_requirement(package: str) -> str:
+    """``package==<installed version>`` without a local label (``torch==2.13.0``)."""
+    from mlflow_chimera.host import installed_version
+
+    version = installed_version(package)
+    return f"{package}=={version.split('+')[0]}" if version else package

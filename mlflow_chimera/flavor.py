@@ -1,0 +1,288 @@
+"""The ``chimera`` MLflow flavor: ``save_model``, ``log_model``, ``load_model``.
+
+``save_model`` captures the model once with ``torch.export`` (the reference program), builds
+every variant this host can build, gates each on parity with the eager model, times it, and
+writes an MLflow model directory whose ``python_function`` flavor loads the fastest valid
+variant on whatever host loads it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model, ModelSignature
+from mlflow.models.model import MLMODEL_FILE_NAME
+from mlflow.models.utils import _save_example
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.tracking._model_registry import DEFAULT_AWAIT_MAX_SLEEP_SECONDS
+from mlflow.tracking.artifact_utils import _download_artifact_from_uri
+from mlflow.types.schema import Schema, TensorSpec
+from mlflow.utils.environment import (
+    _CONDA_ENV_FILE_NAME,
+    _CONSTRAINTS_FILE_NAME,
+    _PYTHON_ENV_FILE_NAME,
+    _REQUIREMENTS_FILE_NAME,
+    _process_pip_requirements,
+    _PythonEnv,
+)
+from mlflow.utils.file_utils import write_to
+from mlflow.utils.model_utils import (
+    _get_flavor_configuration,
+    _validate_and_prepare_target_save_path,
+)
+
+import mlflow_chimera
+from mlflow_chimera import backends as backend_registry
+from mlflow_chimera import host as host_mod
+from mlflow_chimera import reference
+from mlflow_chimera.compile.pipeline import build_variants
+from mlflow_chimera.manifest import (
+    CHECK_INPUTS,
+    CHECK_OUTPUTS,
+    READY,
+    REFERENCE_DIR,
+    REFERENCE_PROGRAM,
+    sha256_file,
+    variant_dir,
+)
+
+FLAVOR_NAME = "chimera"
+# Saved so that these keys can be overridden at load time (MLflow drops keys it did not save).
+DEFAULT_MODEL_CONFIG = {"variant": "auto", "backend": "auto", "precision": "auto"}
+
+
+def get_default_pip_requirements(variants=()) -> list:
+    """This package plus what the ready variants' runtimes need (torch only for torch-based
+    variants)."""
+    reqs = {f"mlflow-chimera=={mlflow_chimera.__version__}"}
+    for v in variants:
+        if v.status == READY:
+            reqs.update(backend_registry.get(v.backend).pip_requirements(v))
+    return sorted(reqs)
+
+
+def save_model(
+    model,
+    path,
+    input_example=None,
+    signature: ModelSignature | None = None,
+    mlflow_model: Model | None = None,
+    pip_requirements=None,
+    extra_pip_requirements=None,
+    metadata: dict | None = None,
+    backends=None,
+    precisions=None,
+    tolerances: dict | None = None,
+    benchmark: dict | None = None,
+    **kwargs,
+):
+    """Save a PyTorch model as a chimera model directory at ``path``.
+
+    Args:
+        model: a ``torch.nn.Module`` whose ``forward`` takes tensors and returns a tensor, a
+            tuple/list of tensors or a dict of tensors.
+        path: local directory to create.
+        input_example: required — an array/tensor, a tuple of them (positional inputs) or a dict
+            (named inputs). It fixes the non-batch shapes and dtypes; the batch stays dynamic.
+        signature: an MLflow signature; by default one is derived from the captured model.
+        backends: backends to build (default: every backend this host can build).
+        precisions: precisions to build (default ``("fp32", "int8")``).
+        tolerances: parity tolerances per precision, e.g. ``{"fp32": {"atol": 1e-5}}``.
+        benchmark: timing options (see ``compile.timing.TimingConfig``), e.g. ``{"max_seconds": 0.5}``.
+    """
+    if input_example is None:
+        raise MlflowException(
+            "mlflow.chimera needs an input_example: it fixes the input shapes and dtypes the "
+            "model is captured with (torch.export) and checked at.",
+            error_code=INVALID_PARAMETER_VALUE,
+        )
+    path = os.path.abspath(path)
+    _validate_and_prepare_target_save_path(path)
+    mlflow_model = mlflow_model or Model()
+    started = time.perf_counter()
+
+    try:
+        program, sig, example = reference.capture(model, input_example)
+    except ValueError as exc:
+        raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from exc
+    Path(path, REFERENCE_DIR).mkdir(parents=True)
+    program_path = Path(path, REFERENCE_PROGRAM)
+    reference_sha256 = reference.save_program(program, program_path)
+    eager = _eager_fn(model, sig)
+    np.savez(Path(path, CHECK_INPUTS), **example)
+    np.savez(Path(path, CHECK_OUTPUTS), **dict(zip(sig.output_names, eager(example))))
+
+    variants, skipped = build_variants(
+        model_dir=Path(path), program=program, program_path=program_path,
+        reference_sha256=reference_sha256, signature=sig, example=example, reference_fn=eager,
+        backends=backends, precisions=precisions, tolerances=tolerances, benchmark=benchmark,
+    )
+    import torch
+
+    host = host_mod.fingerprint()
+    mlflow_model.add_flavor(
+        FLAVOR_NAME,
+        chimera_version=mlflow_chimera.__version__,
+        reference={
+            "path": REFERENCE_PROGRAM,
+            "sha256": reference_sha256,
+            "exporter": "torch.export",
+            "torch_version": str(torch.__version__),
+            "dynamic_batch": [1, reference.MAX_BATCH],
+        },
+        signature=sig.to_dict(),
+        build_host_class=host.host_class,
+        build_seconds=round(time.perf_counter() - started, 3),
+        variants={v.id: _summary(v, path) for v in variants},
+        skipped_backends=skipped,
+    )
+    mlflow.pyfunc.add_to_model(
+        mlflow_model,
+        loader_module="mlflow_chimera",
+        model_config=dict(DEFAULT_MODEL_CONFIG),
+        conda_env=_CONDA_ENV_FILE_NAME,
+        python_env=_PYTHON_ENV_FILE_NAME,
+    )
+    mlflow_model.signature = signature or _mlflow_signature(sig)
+    _save_example(mlflow_model, example if len(example) > 1 else next(iter(example.values())), path)
+    if metadata is not None:
+        mlflow_model.metadata = metadata
+    mlflow_model.save(os.path.join(path, MLMODEL_FILE_NAME))
+    _write_environment(path, get_default_pip_requirements(variants),
+                       pip_requirements, extra_pip_requirements)
+    return mlflow_model
+
+
+def _eager_fn(model, sig):
+    """Run the original eager module on named numpy inputs; flattened numpy outputs."""
+    import torch
+
+    def run(named: dict) -> list:
+        args, kwargs = sig.split_call({n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in named.items()})
+        with torch.inference_mode():
+            return reference.flatten_outputs(model(*args, **kwargs))[0]
+
+    return run
+
+
+def _summary(v, model_dir) -> dict:
+    """The MLmodel entry of a variant: key facts, and the digest that anchors its variant.json."""
+    entry = {
+        "backend": v.backend,
+        "precision": v.precision,
+        "target": v.target,
+        "status": v.status,
+        "variant_json_sha256": sha256_file(variant_dir(model_dir, v.id) / "variant.json"),
+    }
+    if v.reason:
+        entry["reason"] = v.reason[:300]
+    if v.parity is not None:
+        entry["parity_max_abs"] = float(v.parity.max_abs)
+        entry["parity_max_rel"] = float(v.parity.max_rel)
+    if v.benchmarks:
+        entry["p50_ms"] = {k: round(r["p50"], 5) for k, r in v.benchmarks[0].latency_ms.items()}
+    if "compiler" in v.provenance:
+        entry["compiler"] = f"{v.provenance['compiler']} {v.provenance.get('compiler_version', '')}".strip()
+    return entry
+
+
+def _mlflow_signature(sig) -> ModelSignature:
+    """Tensor signature with a -1 batch. One input/output stays unnamed so that a plain array
+    (or a DataFrame) is accepted; several are named, as MLflow requires for dict inputs."""
+    def schema(tensors):
+        named = len(tensors) > 1
+        return Schema([TensorSpec(np.dtype(t.dtype), tuple(t.shape), t.name if named else None)
+                       for t in tensors])
+
+    return ModelSignature(inputs=schema(sig.inputs), outputs=schema(sig.outputs))
+
+
+def _write_environment(path, default_reqs, pip_requirements, extra_pip_requirements):
+    import yaml
+
+    conda_env, reqs, constraints = _process_pip_requirements(
+        default_reqs, pip_requirements, extra_pip_requirements
+    )
+    with open(os.path.join(path, _CONDA_ENV_FILE_NAME), "w") as f:
+        yaml.safe_dump(conda_env, stream=f, default_flow_style=False)
+    if constraints:
+        write_to(os.path.join(path, _CONSTRAINTS_FILE_NAME), "\n".join(constraints))
+    write_to(os.path.join(path, _REQUIREMENTS_FILE_NAME), "\n".join(reqs))
+    _PythonEnv.current().to_yaml(os.path.join(path, _PYTHON_ENV_FILE_NAME))
+
+
+def log_model(
+    model,
+    name: str | None = None,
+    input_example=None,
+    signature: ModelSignature | None = None,
+    registered_model_name: str | None = None,
+    await_registration_for: int = DEFAULT_AWAIT_MAX_SLEEP_SECONDS,
+    pip_requirements=None,
+    extra_pip_requirements=None,
+    metadata: dict | None = None,
+    tags: dict | None = None,
+    params: dict | None = None,
+    backends=None,
+    precisions=None,
+    tolerances: dict | None = None,
+    benchmark: dict | None = None,
+    **kwargs,
+):
+    """Log a PyTorch model as a chimera model (see :func:`save_model` for the chimera options).
+
+    Returns MLflow's ``ModelInfo``. Each variant's benchmark and parity figures are logged as
+    metrics (``chimera.<variant>.…``) on the run and the logged model, and the key facts become
+    tags on the run, the logged model and, when registered, the model version. Without an
+    active run, one is started for the model and ended afterwards.
+    """
+    from mlflow_chimera.tracking import record_variants
+
+    own_run = mlflow.active_run() is None
+    run = mlflow.start_run(run_name=name) if own_run else mlflow.active_run()
+    try:
+        info = Model.log(
+            name=name,
+            artifact_path=kwargs.pop("artifact_path", None),
+            flavor=sys.modules[__name__],
+            flavor_name=FLAVOR_NAME,
+            registered_model_name=registered_model_name,
+            await_registration_for=await_registration_for,
+            input_example=input_example,
+            signature=signature,
+            pip_requirements=pip_requirements,
+            extra_pip_requirements=extra_pip_requirements,
+            metadata=metadata,
+            tags=tags,
+            params=params,
+            backends=backends,
+            precisions=precisions,
+            tolerances=tolerances,
+            benchmark=benchmark,
+            run_id=run.info.run_id,
+            model=model,
+            **kwargs,
+        )
+        record_variants(info, run.info.run_id, registered_model_name)
+    finally:
+        if own_run:
+            mlflow.end_run()
+    return info
+
+
+def load_model(model_uri: str, dst_path: str | None = None, model_config: dict | None = None):
+    """Load a chimera model as a :class:`mlflow_chimera.runtime.ChimeraModel` (the chosen
+    variant's runner, ``predict``, ``explain()``)."""
+    from mlflow_chimera import runtime
+
+    local_path = _download_artifact_from_uri(artifact_uri=model_uri, output_path=dst_path)
+    conf = _get_flavor_configuration(model_path=local_path, flavor_name=FLAVOR_NAME)
+    return runtime.load(local_path, conf, model_config)
+

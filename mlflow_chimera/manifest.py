@@ -1,0 +1,173 @@
+"""Records that describe a chimera model: tensors, variants, parity, benchmarks, provenance.
+
+Everything here is plain data that round-trips through JSON. A model directory looks like::
+
+    MLmodel                      flavor "chimera": a summary of this manifest
+    reference/program.pt2        the reference program (torch.export.save)
+    reference/check_inputs.npz   example inputs and the reference's outputs for them, used to
+    reference/check_outputs.npz  verify a variant when it is loaded
+    variants/<id>/variant.json   one Variant record (provenance, parity, benchmarks, digests)
+    variants/<id>/...            that variant's files
+
+Trust chain: MLmodel records the sha256 of the reference and of every ``variant.json``; each
+``variant.json`` records the sha256 of every file of its variant.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REFERENCE_DIR = "reference"
+REFERENCE_PROGRAM = "reference/program.pt2"
+CHECK_INPUTS = "reference/check_inputs.npz"
+CHECK_OUTPUTS = "reference/check_outputs.npz"
+VARIANTS_DIR = "variants"
+VARIANT_FILE = "variant.json"
+
+# Variant status values.
+READY = "ready"
+FAILED_PARITY = "failed_parity"
+BUILD_FAILED = "build_failed"
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def digest_tree(root: str | os.PathLike, exclude: tuple[str, ...] = (VARIANT_FILE,)) -> dict:
+    """sha256 of every file under ``root``, keyed by POSIX path relative to it."""
+    root = Path(root)
+    return {
+        p.relative_to(root).as_posix(): sha256_file(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.relative_to(root).as_posix() not in exclude
+    }
+
+
+class IntegrityError(Exception):
+    """A file's digest does not match the one recorded for it."""
+
+
+def verify_digests(root: str | os.PathLike, expected: dict) -> None:
+    """Raise :class:`IntegrityError` naming the first file that is missing or altered."""
+    for rel, digest in expected.items():
+        path = Path(root, rel)
+        if not path.is_file():
+            raise IntegrityError(f"{path} is missing (expected sha256 {digest[:12]}…)")
+        actual = sha256_file(path)
+        if actual != digest:
+            raise IntegrityError(
+                f"{path} has sha256 {actual[:12]}…, but {digest[:12]}… was recorded for it"
+            )
+
+
+@dataclass
+class TensorInfo:
+    """One named input or output. ``shape`` uses -1 for the (dynamic) batch dimension."""
+
+    name: str
+    dtype: str  # numpy dtype name, e.g. "float32"
+    shape: list
+
+    def describe(self) -> str:
+        dims = ", ".join("batch" if d == -1 else str(d) for d in self.shape)
+        return f"{self.name}: {self.dtype}[{dims}]"
+
+
+@dataclass
+class Parity:
+    """Measured error of a variant against the reference."""
+
+    passed: bool
+    tolerance: dict  # {"atol": …, "rtol": …}
+    criterion: str  # "elementwise atol-or-rtol"; "loose bound (no task metric given)" for int8
+    checks: list = field(default_factory=list)  # [{batch, outputs: [{name, max_abs, max_rel, …}]}]
+    reason: str | None = None
+
+    @property
+    def max_abs(self) -> float:
+        vals = [o["max_abs"] for c in self.checks for o in c.get("outputs", [])]
+        return max(vals) if vals else float("nan")
+
+    @property
+    def max_rel(self) -> float:
+        vals = [o["max_rel"] for c in self.checks for o in c.get("outputs", [])]
+        return max(vals) if vals else float("nan")
+
+
+@dataclass
+class Benchmark:
+    """Latency of a variant on one host class, per batch size (milliseconds)."""
+
+    host_class: str
+    latency_ms: dict  # {"1": {"p50": …, "p90": …, "p99": …, "calls": …, "cv": …}, "8": {…}}
+    measured_at: str = ""
+    tool: str = "log_model"
+
+    def p50(self, batch: int | str) -> float | None:
+        entry = self.latency_ms.get(str(batch))
+        return entry["p50"] if entry else None
+
+
+@dataclass
+class Variant:
+    """One compiled form of the reference program."""
+
+    id: str
+    backend: str
+    precision: str
+    target: str  # device target: "cpu", "cuda-sm90", …
+    status: str = READY
+    reason: str | None = None
+    options: dict = field(default_factory=dict)
+    files: dict = field(default_factory=dict)  # relative path -> sha256
+    requirements: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
+    parity: Parity | None = None
+    benchmarks: list = field(default_factory=list)  # [Benchmark]
+
+    @property
+    def passed_parity(self) -> bool:
+        return self.status == READY and self.parity is not None and self.parity.passed
+
+    def benchmark_for(self, host_class: str) -> Benchmark | None:
+        for b in self.benchmarks:
+            if b.host_class == host_class:
+                return b
+        return None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Variant":
+        d = dict(d)
+        if d.get("parity") is not None:
+            d["parity"] = Parity(**d["parity"])
+        d["benchmarks"] = [Benchmark(**b) for b in d.get("benchmarks", [])]
+        return cls(**d)
+
+    def save(self, variant_dir: str | os.PathLike) -> str:
+        """Write ``variant.json`` and return its sha256."""
+        path = Path(variant_dir, VARIANT_FILE)
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True), encoding="utf-8")
+        return sha256_file(path)
+
+    @classmethod
+    def load(cls, variant_dir: str | os.PathLike, expected_sha256: str | None = None) -> "Variant":
+        path = Path(variant_dir, VARIANT_FILE)
+        if expected_sha256 is not None:
+            verify_digests(variant_dir, {VARIANT_FILE: expected_sha256})
+        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+
+
+def variant_dir(model_dir: str | os.PathLike, variant_id: str) -> Path:
+    return Path(model_dir, VARIANTS_DIR, variant_id)

@@ -1,0 +1,43 @@
+"""The ``python_function`` entry point: ``_load_pyfunc`` and the pyfunc wrapper.
+
+MLflow calls ``mlflow_chimera._load_pyfunc(path, model_config)`` (the ``loader_module`` in
+MLmodel). ``mlflow models serve`` calls ``predict`` from several threads at once; the wrapper
+keeps no per-call state.
+"""
+
+from __future__ import annotations
+
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.utils.model_utils import _get_flavor_configuration
+
+from mlflow_chimera import runtime
+
+
+class ChimeraPyfunc:
+    """pyfunc face of a :class:`~mlflow_chimera.runtime.ChimeraModel`."""
+
+    def __init__(self, model: runtime.ChimeraModel):
+        self._model = model
+
+    def predict(self, data, params=None):
+        try:
+            return self._model.predict(data)
+        except runtime.InputError as exc:
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
+
+    def get_raw_model(self) -> runtime.ChimeraModel:
+        return self._model
+
+
+def _load_pyfunc(path, model_config=None) -> ChimeraPyfunc:
+    """Load the fastest valid variant of the chimera model at ``path`` for this host.
+
+    ``model_config`` may force ``{"variant": id}`` or restrict ``{"backend": …}`` /
+    ``{"precision": …}`` ("auto" means no restriction).
+    """
+    conf = _get_flavor_configuration(model_path=path, flavor_name="chimera")
+    try:
+        return ChimeraPyfunc(runtime.load(path, conf, model_config))
+    except ValueError as exc:
+        raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from exc
