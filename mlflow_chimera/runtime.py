@@ -23,7 +23,9 @@ from mlflow_chimera.manifest import (
 from mlflow_chimera.reference import Signature
 from mlflow_chimera.selection import Decision, rank
 
-_logger = logging.getLogger(__name__)
+# A child of MLflow's logger, so that MLflow's log handler (also in `mlflow models serve`)
+# shows which variant was loaded and which were skipped.
+_logger = logging.getLogger("mlflow.chimera")
 
 
 class InputError(ValueError):

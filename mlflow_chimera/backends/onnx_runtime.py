@@ -23,7 +23,7 @@ from mlflow_chimera.backends.base import (
     pin_requirement,
 )
 
-_logger = logging.getLogger(__name__)
+_logger = logging.getLogger("mlflow.chimera")
 
 MODEL_FILE = "model.onnx"
 CPU_PROVIDER = "CPUExecutionProvider"

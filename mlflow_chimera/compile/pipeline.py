@@ -28,7 +28,7 @@ from mlflow_chimera.manifest import (
     variant_dir,
 )
 
-_logger = logging.getLogger(__name__)
+_logger = logging.getLogger("mlflow.chimera")
 
 DEFAULT_PRECISIONS = ("fp32", "int8")
 

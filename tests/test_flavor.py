@@ -1,0 +1,143 @@
+"""log_model → registry → pyfunc load → predict, on real MLflow stores and real runtimes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+import models
+
+KINDS = ["mlp", "cnn", "transformer", "two_in_two_out", "tuple_out"]
+
+
+def _as_list(pred) -> list:
+    return list(pred.values()) if isinstance(pred, dict) else [pred]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_pyfunc_predicts_like_eager_torch_at_several_batches(logged, kind):
+    info, model, _, name = logged.get(kind)
+    pyfunc_model = mlflow.pyfunc.load_model(f"models:/{name}/1")
+    raw = pyfunc_model.get_raw_model()
+    tol = 0.15 if raw.variant.precision == "int8" else 1e-4
+    for batch in (1, 3, 17):
+        example = models.examples(batch=batch, seed=batch)[kind]
+        expected = models.eager_outputs(model, example)
+        got = _as_list(pyfunc_model.predict(example))
+        assert len(got) == len(expected)
+        for g, e in zip(got, expected):
+            assert g.shape == e.shape
+            np.testing.assert_allclose(g, e, atol=tol, rtol=1e-3)
+
+
+def test_multi_output_model_returns_named_outputs(logged):
+    _, model, example, name = logged.get("two_in_two_out")
+    pred = mlflow.pyfunc.load_model(f"models:/{name}/1").predict(example)
+    assert set(pred) == {"score", "embedding"}
+    assert pred["score"].shape == (2, 1) and pred["embedding"].shape == (2, 4)
+    tuple_pred = mlflow.pyfunc.load_model(f"models:/{logged.get('tuple_out')[3]}/1").predict(
+        models.examples()["tuple_out"]
+    )
+    assert set(tuple_pred) == {"output_0", "output_1"}
+
+
+def test_model_directory_layout_and_provenance(logged, tmp_path):
+    info, _, _, name = logged.get("mlp")
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/1", dst_path=str(tmp_path)))
+    mlmodel = yaml.safe_load((local / "MLmodel").read_text())
+    assert mlmodel["flavors"]["python_function"]["loader_module"] == "mlflow_chimera"
+    conf = mlmodel["flavors"]["chimera"]
+    assert (local / conf["reference"]["path"]).is_file()
+    assert set(conf["variants"]) >= {"onnxruntime-fp32-cpu", "onnxruntime-int8-cpu", "eager-fp32-cpu"}
+    variant = json.loads((local / "variants/onnxruntime-fp32-cpu/variant.json").read_text())
+    prov = variant["provenance"]
+    assert prov["exporter"] in ("dynamo", "legacy")
+    assert prov["compiler_version"].startswith("2.")
+    assert prov["reference_sha256"] == conf["reference"]["sha256"]
+    assert prov["build_host"]["host_class"] == conf["build_host_class"]
+    assert prov["build_seconds"] > 0 and "opset" in prov
+    assert prov["session_options"]["graph_optimization_level"] == "all"
+    assert set(variant["files"]) == {"model.onnx"} and len(variant["files"]["model.onnx"]) == 64
+    assert variant["parity"]["passed"] is True
+    batches = {c["batch"] for c in variant["parity"]["checks"]}
+    assert {1, 2} <= batches and max(batches) >= 16  # example batch, batch 1 and a larger one
+    latency = variant["benchmarks"][0]["latency_ms"]
+    assert set(latency) == {"1", "2"} and all(v["p50"] > 0 for v in latency.values())
+    assert latency["1"]["p50"] <= latency["1"]["p90"] <= latency["1"]["p99"]
+    # The dynamic batch survives a batch-2 example; the signature has a -1 batch.
+    assert json.loads(mlmodel["signature"]["inputs"])[0]["tensor-spec"]["shape"] == [-1, 64]
+
+
+def test_requirements_list_what_the_variants_need(tracking_uri, tmp_path):
+    model = models.mlp()
+    info = mlflow.chimera.log_model(model, name="ort-only", input_example=models.examples()["mlp"],
+                                    backends=["onnxruntime"], precisions=["fp32"])
+    local = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path)))
+    reqs = (local / "requirements.txt").read_text().split()
+    assert any(r.startswith("onnxruntime==") for r in reqs)
+    assert any(r.startswith("mlflow-chimera==") for r in reqs)
+    assert not any(r.startswith("torch") for r in reqs), reqs
+    assert set(info.flavors["chimera"]["variants"]) == {"onnxruntime-fp32-cpu", "onnxruntime-fp32-cpu-noopt"}
+
+
+def test_batch_one_example_still_gives_a_dynamic_batch(tracking_uri):
+    model = models.mlp()
+    x1 = models.examples(batch=1)["mlp"]
+    info = mlflow.chimera.log_model(model, name="b1", input_example=x1, precisions=["fp32"],
+                                    backends=["onnxruntime"])
+    loaded = mlflow.pyfunc.load_model(info.model_uri)
+    x9 = models.examples(batch=9)["mlp"]
+    np.testing.assert_allclose(loaded.predict(x9), models.eager_outputs(model, x9)[0], atol=1e-4)
+
+
+def test_metrics_and_tags_on_run_logged_model_and_version(logged):
+    info, _, _, name = logged.get("cnn")
+    client = MlflowClient()
+    run = client.get_run(info.run_id)
+    assert run.data.tags["chimera.reference_sha256"] == info.flavors["chimera"]["reference"]["sha256"]
+    assert "onnxruntime-fp32-cpu: ready" in run.data.tags["chimera.variants"]
+    assert "chimera.host_class" in run.data.tags  # the run context provider
+    assert run.data.metrics["chimera.onnxruntime-fp32-cpu.p50_ms.batch_1"] > 0
+    assert "chimera.onnxruntime-fp32-cpu.parity_max_abs" in run.data.metrics
+    logged_model = client.get_logged_model(info.model_id)
+    assert logged_model.tags["chimera.build_host_class"] == info.flavors["chimera"]["build_host_class"]
+    assert {m.key for m in logged_model.metrics} >= {"chimera.eager-fp32-cpu.p50_ms.batch_1"}
+    version = client.get_model_version(name, "1")
+    assert version.tags["chimera.reference_sha256"] == run.data.tags["chimera.reference_sha256"]
+    fastest = [k for k in version.tags if k.startswith("chimera.fastest.")]
+    assert fastest and version.tags[fastest[0]] in info.flavors["chimera"]["variants"]
+
+
+def test_log_model_params_tags_and_metadata_are_passed_through(tracking_uri):
+    info = mlflow.chimera.log_model(models.mlp(), name="passthrough", input_example=models.examples()["mlp"],
+                                    backends=["onnxruntime"], precisions=["fp32"],
+                                    params={"lr": 0.1}, tags={"team": "search"},
+                                    metadata={"owner": "me"})
+    logged_model = MlflowClient().get_logged_model(info.model_id)
+    assert logged_model.tags["team"] == "search" and logged_model.params["lr"] == "0.1"
+    assert info.metadata == {"owner": "me"}
+
+
+def test_load_model_returns_the_raw_chimera_model(logged):
+    info, model, example, _ = logged.get("mlp")
+    raw = mlflow.chimera.load_model(info.model_uri)
+    assert raw.variant.id in info.flavors["chimera"]["variants"]
+    assert "chosen:" in raw.explain()
+    assert raw.predict(example).shape == (2, 10)
+
+
+def test_input_example_is_required(tracking_uri):
+    with pytest.raises(mlflow.exceptions.MlflowException, match="input_example"):
+        mlflow.chimera.log_model(models.mlp(), name="no-example")
+
+
+def test_unknown_backend_is_a_clear_error(tracking_uri):
+    with pytest.raises(ValueError, match="unknown backend 'tensorrtx'.*onnxruntime"):
+        mlflow.chimera.log_model(models.mlp(), name="bad-backend", input_example=models.examples()["mlp"],
+                                 backends=["tensorrtx"])
