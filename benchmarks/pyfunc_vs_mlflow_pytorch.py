@@ -268,8 +268,14 @@ def load(uri: str, dst: Path):
 # -- timing ------------------------------------------------------------------------------------
 
 
-def interleaved(contenders: dict, rounds: int, calls: int, warmup_rounds: int) -> dict:
+def interleaved(contenders: dict, rounds: int, calls: int, warmup_rounds: int, settle_s: float,
+                block_warmup: int) -> dict:
     """Time every contender ``calls`` times per round, rotating the order each round.
+
+    Before each contender's block the process sleeps ``settle_s`` and makes ``block_warmup``
+    untimed calls: ONNX Runtime's and torch's (OpenMP) worker threads keep spinning for a while
+    after a call, and on a small host the previous contender's spinning threads would otherwise
+    steal cores from the next one; a model served on its own never sees that.
 
     Returns ``{name: {"samples": [s, ...], "round_medians": [s, ...]}}`` (seconds).
     """
@@ -281,10 +287,16 @@ def interleaved(contenders: dict, rounds: int, calls: int, warmup_rounds: int) -
         for r in range(-warmup_rounds, rounds):
             k = r % len(names)
             order = names[k:] + names[:k]
+            if r % 2:  # alternate direction too, so no contender always follows the same one
+                order.reverse()
             gc.collect()
             gc.disable()
             for n in order:
                 fn = contenders[n]
+                if settle_s:
+                    time.sleep(settle_s)
+                for _ in range(block_warmup):
+                    fn()
                 times = []
                 for _ in range(calls):
                     t0 = clock()

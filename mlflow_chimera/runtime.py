@@ -35,8 +35,10 @@ class InputError(ValueError):
 class ChimeraModel:
     """The variant this host runs, with the model's signature and the selection decision."""
 
-    def __init__(self, variant: Variant, runner, signature: Signature, decision: Decision):
+    def __init__(self, variant: Variant, runner, signature: Signature, decision: Decision,
+                 variants: list):
         self.variant = variant
+        self.variants = variants  # every variant of the model, chosen or not
         self.runner = runner
         self.signature = signature
         self.decision = decision
@@ -48,6 +50,12 @@ class ChimeraModel:
     def explain(self) -> str:
         """Which variant runs here, the ranking, and why every other variant was not chosen."""
         return self.decision.explain()
+
+    def variant_table(self) -> str:
+        """Every variant with its parity and latency on this host class; marks the one loaded."""
+        from mlflow_chimera.summary import variant_table
+
+        return variant_table(self.variants, self.decision.host_class, self.variant.id)
 
     def predict(self, data):
         """Run the chosen variant. Takes an array (single-input models), a dict of arrays keyed
@@ -152,7 +160,7 @@ def load(model_dir, flavor_conf: dict, model_config: dict | None = None) -> Chim
             continue
         decision.chosen = variant
         _logger.info("chimera: loaded variant %s", variant.id)
-        return ChimeraModel(variant, runner, signature, decision)
+        return ChimeraModel(variant, runner, signature, decision, variants)
     raise RuntimeError("no variant of this model can run on this host.\n" + decision.explain())
 
 

@@ -1,0 +1,46 @@
+"""Human-readable views of a chimera model's variants (used by the demo and the CLI)."""
+
+from __future__ import annotations
+
+_STATUS_WORDS = {"ready": "passed", "failed_parity": "FAILED", "build_failed": "build failed"}
+
+
+def _fmt_ms(value) -> str:
+    return "-" if value is None else (f"{value * 1000:.1f} µs" if value < 1 else f"{value:.2f} ms")
+
+
+def variant_rows(variants: list, host_class: str, chosen_id: str | None = None) -> list:
+    """One dict per variant: id, backend, precision, parity, max abs error, p50 at each
+    measured batch on ``host_class``, and whether this host loads it."""
+    rows = []
+    for v in variants:
+        bench = v.benchmark_for(host_class)
+        parity = _STATUS_WORDS.get(v.status, v.status) if v.status != "ready" or v.parity else "-"
+        rows.append({
+            "variant": v.id,
+            "backend": v.backend,
+            "precision": v.precision,
+            "parity": parity,
+            "max_abs_err": None if v.parity is None else v.parity.max_abs,
+            "p50_ms": {} if bench is None else {b: r["p50"] for b, r in bench.latency_ms.items()},
+            "loads_here": v.id == chosen_id,
+        })
+    return rows
+
+
+def variant_table(variants: list, host_class: str, chosen_id: str | None = None) -> str:
+    """The variant table as aligned text, fastest measured first."""
+    rows = variant_rows(variants, host_class, chosen_id)
+    batches = sorted({b for r in rows for b in r["p50_ms"]}, key=int)
+    header = ["variant", "backend", "precision", "parity", "max abs err"] + \
+        [f"p50 @ batch {b}" for b in batches] + ["this host"]
+    rank_batch = batches[0] if batches else None
+    rows.sort(key=lambda r: (r["p50_ms"].get(rank_batch) is None, r["p50_ms"].get(rank_batch) or 0))
+    body = []
+    for r in rows:
+        err = "-" if r["max_abs_err"] is None or r["max_abs_err"] != r["max_abs_err"] else f"{r['max_abs_err']:.1e}"
+        body.append([r["variant"], r["backend"], r["precision"], r["parity"], err] +
+                    [_fmt_ms(r["p50_ms"].get(b)) for b in batches] + ["<- loads" if r["loads_here"] else ""])
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in body])
