@@ -18,8 +18,14 @@ directory), both versions registered:
 Both are loaded back with ``mlflow.pyfunc.load_model("models:/<name>/<version>")`` and their
 ``predict`` is timed on the same numpy array, per batch size. Timing is interleaved to resist
 a noisy host: ``--rounds`` rounds, each calling every contender ``--calls`` times back to back,
-the contender order rotating every round (with two contenders: alternating), GC off while
-timing. Every call is timed on its own; the report gives the median and p90 per contender, the
+the contender order rotating (and reversing) every round, GC off while timing. Before each
+block the process pauses ``--settle-ms`` and makes ``--block-warmup`` untimed calls, so the worker
+threads that ONNX Runtime and torch leave spinning after a call do not slow down the next
+contender (on a 2-core host they otherwise inflate the p90 of whichever runs next up to ~3x).
+The CPU time other processes use while timing is measured and reported; above 0.25 cores the
+result is flagged as taken on a contended host (torch's OpenMP threads suffer badly when a
+core is taken away, so such runs overstate chimera's lead).
+Every call is timed on its own; the report gives the median and p90 per contender, the
 ratio ``pytorch median / chimera median`` (> 1: chimera is faster), and the spread of that
 ratio over rounds. Two in-process reference rows are timed in the same rounds for context
 (``--no-reference`` drops them): the chimera variant's raw runner (``runner.run``, no pyfunc
@@ -27,7 +33,8 @@ layer) and the original eager torch module under ``torch.inference_mode``.
 
 Both pyfunc predictions are compared with the eager torch module on the timed input (max abs
 error), and the chimera variant that was chosen (and its precision) is reported: an ``int8``
-variant is only held to the looser int8 parity tolerance.
+variant is only held to the looser int8 parity tolerance (``--chimera-precision fp32`` restricts
+chimera to fp32 variants for a like-for-like comparison).
 
 Results are printed as a table and written as JSON (``--out``) with host information.
 
@@ -35,8 +42,8 @@ How to run
 ----------
 From the repository root, with the project's virtualenv::
 
-    python benchmarks/pyfunc_vs_mlflow_pytorch.py                 # CNN, batch 1
-    python benchmarks/pyfunc_vs_mlflow_pytorch.py --quick         # CNN, batch 1, ~1 minute
+    python benchmarks/pyfunc_vs_mlflow_pytorch.py                 # CNN, batch 1 (~30 s on 2 cores)
+    python benchmarks/pyfunc_vs_mlflow_pytorch.py --quick         # CNN, batch 1 (~20 s, well under 60)
     python benchmarks/pyfunc_vs_mlflow_pytorch.py --model mlp --batch 1 8 64
     python benchmarks/pyfunc_vs_mlflow_pytorch.py --model transformer --rounds 20 --calls 5
 
@@ -54,8 +61,10 @@ batch; the JSON records ``pytorch.dynamic_batch``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import inspect
+import io
 import json
 import logging
 import os
@@ -76,7 +85,10 @@ SEED = 0
 # Measurement presets: (rounds, calls per contender per round, warm-up rounds).
 FULL = (30, 20, 3)
 QUICK = (12, 10, 2)
-# chimera's own log-time timing budget per variant and batch size (seconds); None: its default.
+# Background CPU use (cores) above which a result is flagged as taken on a contended host.
+BUSY_HOST_CORES = 0.25
+# --quick: cap chimera's log-time timing of each variant at this many seconds per batch size
+# (its default is 1 s); the full run leaves chimera's defaults alone.
 QUICK_CHIMERA_BENCH = {"max_seconds": 0.3}
 
 
@@ -96,7 +108,8 @@ def build_model(kind: str):
                 super().__init__()
                 layers, c_in = [], 3
                 for c in channels:
-                    layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(), nn.MaxPool2d(2)]
+                    layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(),
+                               nn.MaxPool2d(2)]
                     c_in = c
                 self.features = nn.Sequential(*layers)
                 self.head = nn.Linear(c_in, classes)
@@ -185,6 +198,35 @@ def host_info() -> dict:
     }
 
 
+class BackgroundLoad:
+    """CPU time other processes used while timing, in cores (busy CPU time from /proc/stat
+    minus this process's own CPU time, per wall second). ``None`` where /proc/stat is missing."""
+
+    def __enter__(self):
+        self._start = self._snapshot()
+        self.cores = None
+        return self
+
+    def __exit__(self, *exc):
+        end = self._snapshot()
+        if self._start and end:
+            busy = end[0] - self._start[0]
+            own = end[1] - self._start[1]
+            wall = end[2] - self._start[2]
+            self.cores = round(max(0.0, busy - own) / wall, 3) if wall > 0 else None
+
+    @staticmethod
+    def _snapshot():
+        try:
+            with open("/proc/stat") as f:
+                values = [int(v) for v in f.readline().split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        busy = sum(values) - values[3] - values[4]  # all but idle and iowait; steal counts as busy
+        t = os.times()
+        return busy / os.sysconf("SC_CLK_TCK"), t.user + t.system, time.monotonic()
+
+
 def _loadavg():
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -256,12 +298,12 @@ def log_both(model, example: np.ndarray, tag: str, quick: bool) -> dict:
     return out
 
 
-def load(uri: str, dst: Path):
+def load(uri: str, dst: Path, model_config: dict | None = None):
     import mlflow
 
     dst.mkdir(parents=True)
     t0 = time.perf_counter()
-    model = mlflow.pyfunc.load_model(uri, dst_path=str(dst))
+    model = mlflow.pyfunc.load_model(uri, dst_path=str(dst), model_config=model_config)
     return model, round(time.perf_counter() - t0, 3)
 
 
@@ -334,10 +376,21 @@ def parse_args(argv):
     p.add_argument("--batch", type=int, nargs="+", default=[1], metavar="B",
                    help="batch sizes to time (default: 1)")
     p.add_argument("--rounds", type=int, help=f"timed rounds (default {FULL[0]}, quick {QUICK[0]})")
-    p.add_argument("--calls", type=int, help=f"calls per contender per round (default {FULL[1]}, quick {QUICK[1]})")
-    p.add_argument("--warmup-rounds", type=int, help=f"untimed rounds first (default {FULL[2]}, quick {QUICK[2]})")
+    p.add_argument("--calls", type=int,
+                   help=f"calls per contender per round (default {FULL[1]}, quick {QUICK[1]})")
+    p.add_argument("--warmup-rounds", type=int,
+                   help=f"untimed rounds first (default {FULL[2]}, quick {QUICK[2]})")
+    p.add_argument("--chimera-precision", choices=("auto", "fp32", "int8"), default="auto",
+                   help="restrict chimera's variant choice (model_config precision); 'fp32' compares "
+                        "like for like with the fp32 pytorch model (default: auto, the fastest valid)")
+    p.add_argument("--settle-ms", type=float, default=20.0,
+                   help="pause before each contender's block, so the previous one's worker threads "
+                        "stop spinning (default 20)")
+    p.add_argument("--block-warmup", type=int, default=1,
+                   help="untimed calls at the start of each block (default 1)")
     p.add_argument("--quick", action="store_true",
-                   help="fewer rounds and a shorter chimera log-time benchmark; about a minute for the CNN")
+                   help="fewer rounds and a shorter chimera log-time benchmark "
+                        "(well under a minute for the CNN)")
     p.add_argument("--no-reference", action="store_true",
                    help="time only the two pyfunc models (no raw-runner / eager-torch rows)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON result (default {DEFAULT_OUT})")
@@ -349,26 +402,45 @@ def parse_args(argv):
     args.warmup_rounds = preset[2] if args.warmup_rounds is None else args.warmup_rounds
     if min(args.batch) < 1 or args.rounds < 1 or args.calls < 1:
         p.error("--batch, --rounds and --calls must be positive")
+    if args.settle_ms < 0 or args.block_warmup < 0 or args.warmup_rounds < 0:
+        p.error("--settle-ms, --block-warmup and --warmup-rounds must not be negative")
     return args
 
 
 def _quiet():
-    """Silence MLflow's progress bars, INFO logs and library warnings (stderr stays for errors)."""
+    """Silence MLflow's progress bars and INFO logs, and torch's export warnings. Call after
+    importing mlflow and torch (importing them configures their loggers)."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    logging.getLogger("mlflow").setLevel(logging.ERROR)
-    logging.getLogger("alembic").setLevel(logging.ERROR)
-    logging.getLogger("torch").setLevel(logging.ERROR)
+    for name in ("mlflow", "alembic", "torch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
+
+
+@contextlib.contextmanager
+def _captured_stderr(enabled: bool):
+    """Hold back what MLflow prints to stderr while logging ("Successfully registered model
+    ..."); replay it if something fails."""
+    if not enabled:
+        yield
+        return
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buffer):
+            yield
+    except BaseException:
+        sys.stderr.write(buffer.getvalue())
+        raise
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
+
+    import mlflow  # noqa: F401  (imported before _quiet(): importing it sets up its loggers)
+    import torch
+
     if not args.verbose:
         _quiet()
-
-    import mlflow
-    import torch
 
     host = host_info()
     model, shape = build_model(args.model)
@@ -383,17 +455,21 @@ def main(argv=None) -> dict:
         "argv": sys.argv[1:] if argv is None else list(argv),
         "config": {"model": args.model, "input_shape": [-1, *shape], "batches": batches,
                    "example_batch": int(example.shape[0]), "rounds": args.rounds, "calls": args.calls,
-                   "warmup_rounds": args.warmup_rounds, "quick": args.quick, "seed": SEED},
+                   "warmup_rounds": args.warmup_rounds, "settle_ms": args.settle_ms,
+                   "block_warmup_calls": args.block_warmup, "chimera_precision": args.chimera_precision,
+                   "quick": args.quick, "seed": SEED},
         "host": host,
     }
 
     with tempfile.TemporaryDirectory(prefix="chimera-bench-") as tmp:
         tmp = Path(tmp)
         result["tracking_uri"] = "sqlite:///<tmp>/mlflow.db"
-        setup_tracking(tmp)
-        logged = log_both(model, example, f"bench-{args.model}", args.quick)
-        chimera, chimera_load = load(logged["chimera"]["uri"], tmp / "load-chimera")
-        pytorch, pytorch_load = load(logged["pytorch"]["uri"], tmp / "load-pytorch")
+        with _captured_stderr(not args.verbose):
+            setup_tracking(tmp)
+            logged = log_both(model, example, f"bench-{args.model}", args.quick)
+            chimera, chimera_load = load(logged["chimera"]["uri"], tmp / "load-chimera",
+                                         {"precision": args.chimera_precision})
+            pytorch, pytorch_load = load(logged["pytorch"]["uri"], tmp / "load-pytorch")
         logged["chimera"]["load_seconds"], logged["pytorch"]["load_seconds"] = chimera_load, pytorch_load
 
         raw = chimera.get_raw_model()
@@ -413,8 +489,10 @@ def main(argv=None) -> dict:
             x = inputs[b]
             with torch.inference_mode():
                 expected = model(torch.from_numpy(x)).numpy()
-            predictions = {"chimera": np.asarray(chimera.predict(x)), "pytorch": np.asarray(pytorch.predict(x))}
-            accuracy = {n: float(np.max(np.abs(p.astype(np.float64) - expected))) for n, p in predictions.items()}
+            predictions = {"chimera": np.asarray(chimera.predict(x)),
+                           "pytorch": np.asarray(pytorch.predict(x))}
+            accuracy = {n: float(np.max(np.abs(p.astype(np.float64) - expected)))
+                        for n, p in predictions.items()}
             accuracy["reference_max_abs"] = float(np.max(np.abs(expected)))
 
             contenders = {"chimera": lambda: chimera.predict(x), "pytorch": lambda: pytorch.predict(x)}
@@ -428,17 +506,23 @@ def main(argv=None) -> dict:
 
                 contenders["chimera raw runner"] = lambda: raw.runner.run(feed)
                 contenders["eager torch"] = eager
-            timed = interleaved(contenders, args.rounds, args.calls, args.warmup_rounds)
+            with BackgroundLoad() as background:
+                timed = interleaved(contenders, args.rounds, args.calls, args.warmup_rounds,
+                                    args.settle_ms / 1e3, args.block_warmup)
             stats = {n: summarize(t["samples"]) for n, t in timed.items()}
-            round_ratios = np.asarray(timed["pytorch"]["round_medians"]) / np.asarray(timed["chimera"]["round_medians"])
+            round_ratios = (np.asarray(timed["pytorch"]["round_medians"])
+                            / np.asarray(timed["chimera"]["round_medians"]))
             result["results"].append({
                 "batch": b,
                 "latency": stats,
                 "ratio_pytorch_over_chimera": stats["pytorch"]["median_ms"] / stats["chimera"]["median_ms"],
-                "round_ratio": {"median": float(np.median(round_ratios)), "p10": float(np.percentile(round_ratios, 10)),
+                "round_ratio": {"median": float(np.median(round_ratios)),
+                                "p10": float(np.percentile(round_ratios, 10)),
                                 "p90": float(np.percentile(round_ratios, 90)),
-                                "chimera_faster_rounds": int((round_ratios > 1).sum()), "rounds": int(round_ratios.size)},
+                                "chimera_faster_rounds": int((round_ratios > 1).sum()),
+                                "rounds": int(round_ratios.size)},
                 "max_abs_error_vs_eager": accuracy,
+                "background_cpu_cores": background.cores,
             })
 
     host["loadavg_end"] = _loadavg()
@@ -455,15 +539,20 @@ def report(result: dict) -> None:
     ch, pt = models["chimera"], models["pytorch"]
     v = host["versions"]
     print(f"pyfunc predict latency: mlflow.chimera vs mlflow.pytorch — model {cfg['model']} "
-          f"{cfg['input_shape']}, {cfg['rounds']} rounds x {cfg['calls']} calls, interleaved"
+          f"{cfg['input_shape']}, {cfg['rounds']} rounds x {cfg['calls']} calls, interleaved, "
+          f"{cfg['settle_ms']:g} ms settle"
           + (" (quick)" if cfg["quick"] else ""))
-    print(f"host: {host['cpu_model']}, {host['cpu_count']} cpus, torch {v['torch']} ({host['torch_num_threads']} threads), "
-          f"onnxruntime {v['onnxruntime']}, mlflow {v['mlflow']}, load avg {host['loadavg_start']} -> {host['loadavg_end']}")
+    print(f"host: {host['cpu_model']}, {host['cpu_count']} cpus, torch {v['torch']} "
+          f"({host['torch_num_threads']} threads), onnxruntime {v['onnxruntime']}, mlflow {v['mlflow']}, "
+          f"load avg {host['loadavg_start']} -> {host['loadavg_end']}")
     print(f"mlflow.pytorch serialization_format: {pt['serialization_format_note']}"
           + ("" if pt["dynamic_batch"] else "; static batch 1 (example batch 1)"))
     print(f"chimera variant: {ch['variant']} (precision {ch['precision']}); "
           f"log {ch['log_seconds']} s, load {ch['load_seconds']} s | pytorch log {pt['log_seconds']} s, "
           f"load {pt['load_seconds']} s")
+    if ch["precision"] != "fp32":
+        print(f"note: chimera runs a {ch['precision']} variant (held to the {ch['precision']} parity "
+              f"tolerance) against the fp32 pytorch model; --chimera-precision fp32 compares like for like")
     print()
     header = f"{'batch':>5}  {'contender':<20} {'median ms':>10} {'p90 ms':>9} {'max abs err':>12}"
     print(header)
@@ -477,6 +566,10 @@ def report(result: dict) -> None:
         print(f"{'':>5}  ratio pytorch/chimera (medians): {r['ratio_pytorch_over_chimera']:.2f}x; "
               f"per round: median {rr['median']:.2f}x [p10 {rr['p10']:.2f}, p90 {rr['p90']:.2f}], "
               f"chimera faster in {rr['chimera_faster_rounds']}/{rr['rounds']} rounds")
+        load = r["background_cpu_cores"]
+        if load is not None:
+            print(f"{'':>5}  other processes used {load:.2f} of {host['cpu_count']} cores while timing"
+                  + (" -- WARNING: contended host, latencies inflated" if load > BUSY_HOST_CORES else ""))
     print()
     print(f"wall time {result['wall_seconds']} s")
 
