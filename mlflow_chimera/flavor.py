@@ -42,7 +42,7 @@ import mlflow_chimera
 from mlflow_chimera import backends as backend_registry
 from mlflow_chimera import host as host_mod
 from mlflow_chimera import reference
-from mlflow_chimera.compile.pipeline import build_variants
+from mlflow_chimera.compile.pipeline import build_variants, check_request
 from mlflow_chimera.manifest import (
     CHECK_INPUTS,
     CHECK_OUTPUTS,
@@ -103,6 +103,7 @@ def save_model(
             "model is captured with (torch.export) and checked at.",
             error_code=INVALID_PARAMETER_VALUE,
         )
+    check_request(backends, precisions)
     path = os.path.abspath(path)
     _validate_and_prepare_target_save_path(path)
     mlflow_model = mlflow_model or Model()
@@ -187,9 +188,18 @@ def _summary(v, model_dir) -> dict:
         entry["parity_max_abs"] = float(v.parity.max_abs)
         entry["parity_max_rel"] = float(v.parity.max_rel)
     if v.benchmarks:
-        entry["p50_ms"] = {k: round(r["p50"], 5) for k, r in v.benchmarks[0].latency_ms.items()}
-    if "compiler" in v.provenance:
-        entry["compiler"] = f"{v.provenance['compiler']} {v.provenance.get('compiler_version', '')}".strip()
+        latency = v.benchmarks[0].latency_ms
+        entry["p50_ms"] = {k: round(r["p50"], 5) for k, r in latency.items()}
+        entry["p99_ms"] = {k: round(r["p99"], 5) for k, r in latency.items()}
+    prov = v.provenance
+    if "compiler" in prov:
+        entry["compiler"] = f"{prov['compiler']} {prov.get('compiler_version', '')}".strip()
+    for key in ("exporter", "opset", "build_seconds"):
+        if key in prov:
+            entry[key] = prov[key]
+    if v.options:
+        entry["options"] = v.options
+    entry["files"] = v.files
     return entry
 
 
@@ -245,6 +255,7 @@ def log_model(
     """
     from mlflow_chimera.tracking import record_variants
 
+    check_request(backends, precisions)
     own_run = mlflow.active_run() is None
     run = mlflow.start_run(run_name=name) if own_run else mlflow.active_run()
     try:

@@ -16,11 +16,12 @@ MAX_TAG_VALUE = 5000  # conservative: MLflow allows 8000 characters for run tags
 
 
 def variant_metrics(flavor_conf: dict) -> dict:
-    """``chimera.<variant>.p50_ms.batch_<n>`` and parity errors, for every variant measured."""
+    """``chimera.<variant>.p50_ms.batch_<n>`` (and p99) and parity errors, per variant measured."""
     metrics = {}
     for vid, entry in flavor_conf["variants"].items():
-        for batch, p50 in entry.get("p50_ms", {}).items():
-            metrics[f"{TAG_PREFIX}{vid}.p50_ms.batch_{batch}"] = p50
+        for stat in ("p50_ms", "p99_ms"):
+            for batch, value in entry.get(stat, {}).items():
+                metrics[f"{TAG_PREFIX}{vid}.{stat}.batch_{batch}"] = value
         for key in ("parity_max_abs", "parity_max_rel"):
             if key in entry and entry[key] == entry[key]:  # skip NaN (no check ran)
                 metrics[f"{TAG_PREFIX}{vid}.{key}"] = entry[key]

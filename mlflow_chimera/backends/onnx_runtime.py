@@ -195,11 +195,13 @@ def _export(context: BuildContext, path: Path) -> dict:
         first_line = (str(exc).strip().splitlines() or [""])[0]
         dynamo_error = f"{type(exc).__name__}: {first_line[:300]}"
         _logger.warning("dynamo ONNX export failed (%s); trying the legacy exporter", dynamo_error)
+    from mlflow_chimera.backends.torch_modules import TraceableProgram
+
     started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            context.program.module(), args, str(path), kwargs=kwargs, dynamo=False,
+            TraceableProgram(context.program.module()), args, str(path), kwargs=kwargs, dynamo=False,
             dynamic_axes={n: {0: "batch"} for n in signature.input_names + signature.output_names},
             opset_version=17, **common,
         )

@@ -31,6 +31,15 @@ from mlflow_chimera.manifest import (
 _logger = logging.getLogger("mlflow.chimera")
 
 DEFAULT_PRECISIONS = ("fp32", "int8")
+KNOWN_PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+
+
+def check_request(backends=None, precisions=None) -> None:
+    """Fail fast, before anything is logged, on a backend or precision that cannot be built."""
+    resolve_backends(backends)
+    unknown = [p for p in (precisions or ()) if p not in KNOWN_PRECISIONS]
+    if unknown:
+        raise ValueError(f"unknown precision(s) {unknown}; known: {', '.join(KNOWN_PRECISIONS)}")
 
 
 def resolve_backends(requested) -> tuple[list, dict]:
