@@ -81,6 +81,8 @@ def save_model(
     precisions=None,
     tolerances: dict | None = None,
     benchmark: dict | None = None,
+    build_timeout: float | None = None,
+    build_parallelism: int | None = None,
     **kwargs,
 ):
     """Save a PyTorch model as a chimera model directory at ``path``.
@@ -96,6 +98,9 @@ def save_model(
         precisions: precisions to build (default ``("fp32", "int8")``).
         tolerances: parity tolerances per precision, e.g. ``{"fp32": {"atol": 1e-5}}``.
         benchmark: timing options (see ``compile.timing.TimingConfig``), e.g. ``{"max_seconds": 0.5}``.
+        build_timeout: seconds each variant's build (in its own process) may take before it is
+            killed and recorded as failed (default 900).
+        build_parallelism: concurrent builds (default: what the host has room for; 1 on 2 cores).
     """
     if input_example is None:
         raise MlflowException(
@@ -121,9 +126,10 @@ def save_model(
     np.savez(Path(path, CHECK_OUTPUTS), **dict(zip(sig.output_names, eager(example))))
 
     variants, skipped = build_variants(
-        model_dir=Path(path), program=program, program_path=program_path,
-        reference_sha256=reference_sha256, signature=sig, example=example, reference_fn=eager,
-        backends=backends, precisions=precisions, tolerances=tolerances, benchmark=benchmark,
+        model_dir=Path(path), program_path=program_path, reference_sha256=reference_sha256,
+        signature=sig, example=example, reference_fn=eager, backends=backends,
+        precisions=precisions, tolerances=tolerances, benchmark=benchmark,
+        build_timeout=build_timeout, parallelism=build_parallelism,
     )
     import torch
 
@@ -244,6 +250,8 @@ def log_model(
     precisions=None,
     tolerances: dict | None = None,
     benchmark: dict | None = None,
+    build_timeout: float | None = None,
+    build_parallelism: int | None = None,
     **kwargs,
 ):
     """Log a PyTorch model as a chimera model (see :func:`save_model` for the chimera options).
@@ -277,6 +285,8 @@ def log_model(
             precisions=precisions,
             tolerances=tolerances,
             benchmark=benchmark,
+            build_timeout=build_timeout,
+            build_parallelism=build_parallelism,
             run_id=run.info.run_id,
             model=model,
             **kwargs,

@@ -44,20 +44,10 @@ def test_keyword_only_inputs_round_trip(tracking_uri):
     assert loaded.get_raw_model().variant.backend in ("onnxruntime", "eager")
 
 
-def test_legacy_exporter_is_used_and_recorded_when_dynamo_fails(tracking_uri, monkeypatch, tmp_path):
-    # Simulated: no small model is known to fail the dynamo exporter on torch 2.13 yet pass the
-    # legacy one, so the dynamo path is made to raise; the fallback itself runs for real.
-    real_export = torch.onnx.export
-
-    def dynamo_fails(*args, dynamo=True, **kwargs):
-        if dynamo:
-            raise RuntimeError("simulated dynamo exporter failure")
-        return real_export(*args, dynamo=False, **kwargs)
-
-    monkeypatch.setattr(torch.onnx, "export", dynamo_fails)
+def test_legacy_exporter_is_used_and_recorded_when_dynamo_fails(tracking_uri, tmp_path):
     model = models.mlp()
     info = mlflow.chimera.log_model(model, name="legacy", input_example=models.examples()["mlp"],
-                                    backends=["onnxruntime"], precisions=["fp32"])
+                                    backends=["faulty_backends:DynamoFailsOnnxRuntime"], precisions=["fp32"])
     local = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path)))
     prov = json.loads((local / "variants/onnxruntime-fp32-cpu/variant.json").read_text())["provenance"]
     assert prov["exporter"] == "legacy"

@@ -19,9 +19,17 @@ def names() -> list:
 
 
 def get(name: str):
-    """The backend called ``name``; a clear error lists the known ones."""
+    """The backend called ``name``, or the class a ``"package.module:Class"`` spec names;
+    a clear error lists the known ones."""
+    if ":" in name:
+        module, cls = name.split(":", 1)
+    else:
+        try:
+            module, cls = _BACKENDS[name]
+        except KeyError:
+            raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(_BACKENDS)} "
+                             "(or 'package.module:Class')") from None
     try:
-        module, cls = _BACKENDS[name]
-    except KeyError:
-        raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(_BACKENDS)}") from None
-    return getattr(importlib.import_module(module), cls)()
+        return getattr(importlib.import_module(module), cls)()
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"backend {name!r} cannot be imported: {exc}") from exc

@@ -26,15 +26,16 @@ class VariantPlan:
 
 @dataclass
 class BuildContext:
-    """What a build gets: the reference (in memory and on disk) and a place to share work
-    between plans of one backend (e.g. the fp32 ONNX file that int8 quantises)."""
+    """What a build gets: the reference (in memory and on disk), the example, and a scratch
+    directory shared by the builds of one log_model call, where a backend may keep work that
+    later plans reuse (e.g. the fp32 ONNX export that int8 quantises). Builds of one backend
+    run one after another; each runs in its own process."""
 
     program: object  # torch.export.ExportedProgram
     program_path: Path
     signature: object  # reference.Signature
     example: dict  # {name: ndarray}
     scratch_dir: Path
-    shared: dict = field(default_factory=dict)
 
 
 @dataclass

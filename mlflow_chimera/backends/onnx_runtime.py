@@ -9,6 +9,7 @@ the session is created, never saved to disk, so no variant file is hardware-boun
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import warnings
@@ -104,12 +105,16 @@ class OnnxRuntimeBackend:
         )
 
     def _export_fp32(self, context: BuildContext) -> tuple[Path, dict]:
-        """Export the reference program to ONNX once per build; later plans reuse the file."""
-        if "onnx_fp32" not in context.shared:
-            path = Path(context.scratch_dir, "onnx-fp32", MODEL_FILE)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            context.shared["onnx_fp32"] = (path, _export(context, path))
-        return context.shared["onnx_fp32"]
+        """Export the reference program to ONNX once per log_model; later plans (run after this
+        one, in other processes) reuse the file and its provenance from the scratch directory."""
+        folder = Path(context.scratch_dir, "onnx-fp32")
+        path, record = folder / MODEL_FILE, folder / "export.json"
+        if record.is_file():
+            return path, json.loads(record.read_text())
+        folder.mkdir(parents=True, exist_ok=True)
+        provenance = _export(context, path)
+        record.write_text(json.dumps(provenance))
+        return path, provenance
 
     # -- run -------------------------------------------------------------------------------
 

@@ -86,26 +86,26 @@ def compare_outputs(reference: list, candidate: list, names: list, tol: dict) ->
     return results
 
 
-def run_parity(runner, reference_fn, example: dict, output_names: list, precision: str,
-               overrides: dict | None = None, batches: list | None = None) -> Parity:
-    """Check ``runner`` against ``reference_fn`` at each batch size; stop at the first error."""
-    tol = tolerance_for(precision, overrides)
-    example_batch = next(iter(example.values())).shape[0]
+def criterion_for(precision: str) -> str:
+    return _CRITERIA.get(precision, _DEFAULT_CRITERION)
+
+
+def run_parity(runner, cases, output_names: list, tol: dict, criterion: str) -> Parity:
+    """Check ``runner`` on ``cases`` — ``(batch, inputs, reference outputs)`` — and stop at the
+    first batch that fails."""
     checks = []
-    for batch in batches or check_batches(example_batch):
-        inputs = make_inputs(example, batch)
-        expected = reference_fn(inputs)
+    for batch, inputs, expected in cases:
         try:
             got = runner.run(inputs)
         except Exception as exc:  # noqa: BLE001 - a variant that raises fails parity
             checks.append({"batch": batch, "outputs": [], "error": f"{type(exc).__name__}: {exc}"[:500]})
-            return Parity(False, tol, _CRITERIA.get(precision, _DEFAULT_CRITERION), checks,
+            return Parity(False, tol, criterion, checks,
                           reason=f"batch {batch}: raised {type(exc).__name__}: {str(exc)[:200]}")
         outputs = compare_outputs(expected, got, output_names, tol)
         checks.append({"batch": batch, "outputs": outputs})
         failed = [o for o in outputs if not o["passed"]]
         if failed:
             first = failed[0]
-            return Parity(False, tol, _CRITERIA.get(precision, _DEFAULT_CRITERION), checks,
+            return Parity(False, tol, criterion, checks,
                           reason=f"batch {batch}, output {first['name']!r}: {first.get('reason')}")
-    return Parity(True, tol, _CRITERIA.get(precision, _DEFAULT_CRITERION), checks)
+    return Parity(True, tol, criterion, checks)

@@ -1,0 +1,50 @@
+"""Build isolation: a compiler that crashes, hangs or raises fails only its own variant."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+
+import models
+
+
+def test_crash_and_hang_fail_only_their_own_variants(tracking_uri):
+    model = models.mlp()
+    info = mlflow.chimera.log_model(
+        model, name="faulty", input_example=models.examples()["mlp"], precisions=["fp32"],
+        backends=["faulty_backends:Crashing", "faulty_backends:Hanging", "faulty_backends:Raising",
+                  "onnxruntime"],
+        build_timeout=20,
+    )
+    variants = info.flavors["chimera"]["variants"]
+    crashed, hung, raised = variants["crashing-fp32-cpu"], variants["hanging-fp32-cpu"], variants["raising-fp32-cpu"]
+    assert crashed["status"] == hung["status"] == raised["status"] == "build_failed"
+    assert "killed by signal SIGSEGV" in crashed["reason"] and "about to crash" in crashed["reason"]
+    assert "timed out after 20 s" in hung["reason"]
+    assert "unsupported operator aten::frobnicate" in raised["reason"]
+    assert crashed["files"] == {}  # the half-written file did not survive
+    assert variants["onnxruntime-fp32-cpu"]["status"] == "ready"
+
+    local = mlflow.artifacts.download_artifacts(info.model_uri)
+    from mlflow_chimera.manifest import Variant
+
+    record = Variant.load(f"{local}/variants/hanging-fp32-cpu")
+    assert record.provenance["isolation"]["outcome"].startswith("timed out")
+    assert record.provenance["isolation"]["wall_seconds"] >= 20
+    assert "thinking forever" in record.provenance["isolation"]["output_tail"]
+
+    loaded = mlflow.pyfunc.load_model(info.model_uri)
+    assert loaded.get_raw_model().variant.id.startswith("onnxruntime-fp32")
+    assert "crashing-fp32-cpu: build failed: build process killed by signal SIGSEGV" in loaded.get_raw_model().explain()
+    x = models.examples(batch=3)["mlp"]
+    np.testing.assert_allclose(loaded.predict(x), models.eager_outputs(model, x)[0], atol=1e-4)
+
+
+def test_parallel_builds_give_the_same_variants(tracking_uri):
+    info = mlflow.chimera.log_model(models.mlp(), name="parallel", input_example=models.examples()["mlp"],
+                                    precisions=["fp32", "int8"], backends=["onnxruntime", "eager"],
+                                    build_parallelism=2)
+    variants = info.flavors["chimera"]["variants"]
+    assert set(variants) == {"onnxruntime-fp32-cpu", "onnxruntime-fp32-cpu-noopt", "onnxruntime-int8-cpu",
+                             "eager-fp32-cpu"}
+    assert all(v["status"] == "ready" for v in variants.values())
