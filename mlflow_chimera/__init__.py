@@ -6,7 +6,8 @@ only when a function that needs them is called. The package is also reachable as
 ``mlflow.chimera`` (see :mod:`mlflow_chimera._alias`).
 
 Public API: :func:`save_model`, :func:`log_model`, :func:`load_model` (MLflow flavor
-conventions) and ``_load_pyfunc`` (the ``loader_module`` entry point MLflow calls).
+conventions), :func:`benchmark` (time a logged model's variants on this host and store the
+result for its host class) and ``_load_pyfunc`` (the ``loader_module`` entry point MLflow calls).
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ _LAZY = {
     "load_model": "mlflow_chimera.flavor",
     "get_default_pip_requirements": "mlflow_chimera.flavor",
     "_load_pyfunc": "mlflow_chimera.pyfunc",
+    "benchmark": "mlflow_chimera.host_benchmark",
 }
 
-__all__ = ["FLAVOR_NAME", "__version__", "save_model", "log_model", "load_model"]
+__all__ = ["FLAVOR_NAME", "__version__", "save_model", "log_model", "load_model", "benchmark"]
 
 
 def __getattr__(name):

@@ -163,9 +163,10 @@ def save_program(program, path) -> str:
     return sha256_file(path)
 
 
-# Archive entries that are plain data (JSON, raw tensor bytes, markers), never unpickled.
+# Archive entries that are never unpickled: JSON, markers, and an AOTInductor package's
+# generated code and shared libraries (native code, guarded by the variant's sha256 instead).
 _PLAIN_SUFFIXES = (".json", "archive_format", "archive_version", "byteorder", "/.data/version",
-                   "serialization_id")
+                   "serialization_id", ".cpp", ".h", ".so", ".o", ".cubin", ".ptx", ".hsaco")
 _WEIGHT_CONFIGS = ("model_weights_config.json", "model_constants_config.json")
 
 

@@ -20,7 +20,7 @@ from mlflow_chimera.manifest import (
     variant_dir,
     verify_digests,
 )
-from mlflow_chimera.reference import Signature
+from mlflow_chimera.reference import MAX_BATCH, Signature
 from mlflow_chimera.selection import Decision, rank
 
 # A child of MLflow's logger, so that MLflow's log handler (also in `mlflow models serve`)
@@ -74,7 +74,7 @@ class ChimeraModel:
         spec = self._inputs[0]
         if self._single and type(data) is np.ndarray and data.dtype.name == spec.dtype \
                 and data.ndim == len(spec.shape) and list(data.shape[1:]) == spec.shape[1:] \
-                and data.flags.c_contiguous and data.shape[0] > 0:
+                and data.flags.c_contiguous and 0 < data.shape[0] <= MAX_BATCH:
             return {spec.name: data}  # fast path: already exactly what the runner takes
         named = self._as_dict(data)
         missing = [t.name for t in self._inputs if t.name not in named]
@@ -133,26 +133,37 @@ def _check_tensor(spec, value) -> np.ndarray:
         raise InputError(f"input {spec.name!r} has shape {list(arr.shape)}, expected {spec.describe()}")
     if arr.shape[0] == 0:
         raise InputError(f"input {spec.name!r} is empty (batch 0); expected {spec.describe()}")
+    if arr.shape[0] > MAX_BATCH:
+        raise InputError(f"input {spec.name!r} has batch {arr.shape[0]}; the model takes at most {MAX_BATCH}")
     return np.ascontiguousarray(arr)
 
 
 # -- loading with fallback --------------------------------------------------------------------
 
 
-def load(model_dir, flavor_conf: dict, model_config: dict | None = None) -> ChimeraModel:
-    """Rank the model's variants for this host and load the first that verifies and loads."""
+def read_variants(model_dir, flavor_conf: dict) -> tuple[list, LoadContext]:
+    """Every variant record (each ``variant.json`` checked against its digest in MLmodel), with
+    benchmarks stored later for other host classes merged in; and the context to load them."""
+    from mlflow_chimera.host_benchmark import merge_host_benchmarks
+
     model_dir = Path(model_dir)
-    signature = Signature.from_dict(flavor_conf["signature"])
     variants = [Variant.load(variant_dir(model_dir, vid), expected_sha256=entry["variant_json_sha256"])
                 for vid, entry in flavor_conf["variants"].items()]
-    host = host_mod.fingerprint()
-    decision = rank(variants, host, model_config)
-    context = LoadContext(model_dir=model_dir, signature=signature,
+    merge_host_benchmarks(variants, model_dir)
+    context = LoadContext(model_dir=model_dir, signature=Signature.from_dict(flavor_conf["signature"]),
                           reference_sha256=flavor_conf["reference"]["sha256"])
+    return variants, context
+
+
+def load(model_dir, flavor_conf: dict, model_config: dict | None = None) -> ChimeraModel:
+    """Rank the model's variants for this host and load the first that verifies and loads."""
+    variants, context = read_variants(model_dir, flavor_conf)
+    model_dir, signature = context.model_dir, context.signature
+    decision = rank(variants, host_mod.fingerprint(), model_config)
     for candidate in decision.candidates:
         variant = candidate.variant
         try:
-            runner = _load_verified(variant, model_dir, context, check=not decision.forced)
+            runner = load_verified(variant, model_dir, context, check=not decision.forced)
         except Exception as exc:  # noqa: BLE001 - any failure means: try the next candidate
             error = f"{type(exc).__name__}: {exc}"
             _logger.warning("chimera: skipping variant %s: %s", variant.id, error)
@@ -164,7 +175,7 @@ def load(model_dir, flavor_conf: dict, model_config: dict | None = None) -> Chim
     raise RuntimeError("no variant of this model can run on this host.\n" + decision.explain())
 
 
-def _load_verified(variant: Variant, model_dir: Path, context: LoadContext, check: bool):
+def load_verified(variant: Variant, model_dir: Path, context: LoadContext, check: bool):
     """Verify every file's digest, load, and check the outputs on the recorded example."""
     vdir = variant_dir(model_dir, variant.id)
     verify_digests(vdir, variant.files)

@@ -40,6 +40,9 @@ class LoggedModels:
 
         import models
 
+        # ONNX Runtime and eager unless a test asks otherwise (backends=None: every backend);
+        # AOTInductor and torch.compile builds take tens of seconds each on two cores.
+        options.setdefault("backends", ["onnxruntime", "eager"])
         key = (kind, tuple(sorted((k, repr(v)) for k, v in options.items())))
         if key not in self._infos:
             model = models.BUILDERS[kind]()

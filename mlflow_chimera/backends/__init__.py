@@ -8,6 +8,8 @@ import importlib
 # name -> (module, class). The order is the default preference when nothing was measured.
 _BACKENDS = {
     "onnxruntime": ("mlflow_chimera.backends.onnx_runtime", "OnnxRuntimeBackend"),
+    "aotinductor": ("mlflow_chimera.backends.aotinductor", "AOTInductorBackend"),
+    "torch_compile": ("mlflow_chimera.backends.torch_compile", "TorchCompileBackend"),
     "eager": ("mlflow_chimera.backends.eager", "EagerBackend"),
 }
 

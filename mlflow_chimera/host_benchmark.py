@@ -1,0 +1,120 @@
+"""Benchmark the variants of an already-logged model on *this* host, and store the result for
+this host's class, so a serving host of a class nobody measured can rank by its own figures.
+
+    import mlflow_chimera
+    mlflow_chimera.benchmark("models:/clf/1")
+
+Results go to ``benchmarks/<host class>.json`` in the model's artifacts (the logged model's,
+for a tracking-store URI; the directory itself, for a local path). When the model is loaded,
+those figures join the ones recorded at log time, and selection ranks by the ones measured on
+the loading host's class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+BENCHMARKS_DIR = "benchmarks"
+
+
+def benchmark_file(model_dir, host_class: str) -> Path:
+    return Path(model_dir, BENCHMARKS_DIR, f"{host_class}.json")
+
+
+def read_host_benchmarks(model_dir) -> dict:
+    """{host_class: {variant_id: latency_ms}} from every stored host benchmark."""
+    found = {}
+    for path in sorted(Path(model_dir, BENCHMARKS_DIR).glob("*.json")):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            found[record["host_class"]] = {vid: entry["latency_ms"] for vid, entry in record["variants"].items()}
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a malformed file only loses its own figures
+    return found
+
+
+def merge_host_benchmarks(variants: list, model_dir) -> None:
+    """Add stored host benchmarks to the variants' records (replacing older ones of a class)."""
+    from mlflow_chimera.manifest import Benchmark
+
+    for host_class, per_variant in read_host_benchmarks(model_dir).items():
+        for v in variants:
+            if v.id in per_variant:
+                v.benchmarks = [b for b in v.benchmarks if b.host_class != host_class]
+                v.benchmarks.append(Benchmark(host_class, per_variant[v.id], tool="chimera.benchmark"))
+
+
+def benchmark(model_uri: str, batches=None, timing: dict | None = None, store: bool = True) -> dict:
+    """Time every variant that passed parity and can run here, on this host.
+
+    Args:
+        model_uri: ``models:/…``, ``runs:/…`` or a local model directory.
+        batches: batch sizes to time (default: 1 and the batch of the logged example).
+        timing: timing options (``compile.timing.TimingConfig`` fields).
+        store: write the result for this host class into the model's artifacts.
+
+    Returns ``{"host_class": …, "variants": {id: {"latency_ms": {batch: {p50, p90, p99, …}}}},
+    "skipped": {id: reason}}``.
+    """
+    import mlflow
+    import numpy as np
+    from mlflow.utils.model_utils import _get_flavor_configuration
+
+    from mlflow_chimera import host as host_mod
+    from mlflow_chimera import runtime
+    from mlflow_chimera.compile.parity import make_inputs
+    from mlflow_chimera.compile.timing import TimingConfig, measure
+    from mlflow_chimera.manifest import CHECK_INPUTS
+    from mlflow_chimera.selection import rank
+
+    local = model_uri if os.path.isdir(model_uri) else mlflow.artifacts.download_artifacts(model_uri)
+    conf = _get_flavor_configuration(model_path=local, flavor_name="chimera")
+    variants, context = runtime.read_variants(local, conf)
+    host = host_mod.fingerprint()
+    decision = rank(variants, host)
+    with np.load(Path(local, CHECK_INPUTS), allow_pickle=False) as data:
+        example = {k: data[k] for k in data.files}
+    example_batch = next(iter(example.values())).shape[0]
+    inputs = {b: make_inputs(example, b) for b in sorted(set(batches or (1, example_batch)))}
+    config = TimingConfig.from_options(timing)
+    result = {"host_class": host.host_class, "host": host.to_dict(),
+              "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "timing": dataclasses.asdict(config), "variants": {}, "skipped": dict(decision.rejected)}
+    for candidate in decision.candidates:
+        variant = candidate.variant
+        try:
+            runner = runtime.load_verified(variant, Path(local), context, check=True)
+        except Exception as exc:  # noqa: BLE001 - a variant that cannot load here is reported
+            result["skipped"][variant.id] = f"failed to load: {type(exc).__name__}: {exc}"
+            continue
+        result["variants"][variant.id] = {
+            "latency_ms": {str(b): measure(lambda x=x: runner.run(x), config) for b, x in inputs.items()}
+        }
+    if store:
+        _store(result, model_uri, local)
+    return result
+
+
+def _store(result: dict, model_uri: str, local: str) -> None:
+    """Write the result into a local model directory, or upload it to the logged model."""
+    if os.path.isdir(model_uri):
+        path = benchmark_file(model_uri, result["host_class"])
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps(result, indent=2), encoding="utf-8")
+        return
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    model_id = yaml.safe_load(Path(local, "MLmodel").read_text()).get("model_id")
+    if not model_id:
+        raise ValueError(f"{model_uri} has no logged model id; benchmark a local copy instead")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = benchmark_file(tmp, result["host_class"])
+        path.parent.mkdir()
+        path.write_text(json.dumps(result, indent=2), encoding="utf-8")
+        MlflowClient().log_model_artifact(model_id, str(path), artifact_path=BENCHMARKS_DIR)
