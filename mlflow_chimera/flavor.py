@@ -83,6 +83,7 @@ def save_model(
     benchmark: dict | None = None,
     build_timeout: float | None = None,
     build_parallelism: int | None = None,
+    _payload_run_id: str | None = None,
     **kwargs,
 ):
     """Save a PyTorch model as a chimera model directory at ``path``.
@@ -133,13 +134,19 @@ def save_model(
     )
     import torch
 
+    reference_size = program_path.stat().st_size
+    reference_uri = None
+    if _payload_run_id:  # logging: payloads go to the run's artifacts (see cache.py)
+        reference_uri = _externalize_payloads(Path(path), variants, _payload_run_id)
     host = host_mod.fingerprint()
     mlflow_model.add_flavor(
         FLAVOR_NAME,
         chimera_version=mlflow_chimera.__version__,
         reference={
             "path": REFERENCE_PROGRAM,
+            "uri": reference_uri,
             "sha256": reference_sha256,
+            "size_bytes": reference_size,
             "exporter": "torch.export",
             "torch_version": str(torch.__version__),
             "dynamic_batch": [1, reference.MAX_BATCH],
@@ -165,6 +172,32 @@ def save_model(
     _write_environment(path, get_default_pip_requirements(variants),
                        pip_requirements, extra_pip_requirements)
     return mlflow_model
+
+
+PAYLOAD_ROOT = "chimera"
+
+
+def _externalize_payloads(model_dir: Path, variants: list, run_id: str) -> str:
+    """Upload each variant's files and the reference program to the run's artifacts
+    (``chimera/variants/<id>/``, ``chimera/reference/``) and keep only the records in the
+    model directory, so loading the model fetches just the variant it runs. Returns the
+    reference program's URI."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    for v in variants:
+        if not v.files:
+            continue
+        vdir = variant_dir(model_dir, v.id)
+        v.location = f"runs:/{run_id}/{PAYLOAD_ROOT}/variants/{v.id}"
+        v.save(vdir)
+        client.log_artifacts(run_id, str(vdir), artifact_path=f"{PAYLOAD_ROOT}/variants/{v.id}")
+        for rel in v.files:
+            Path(vdir, rel).unlink()
+    program = model_dir / REFERENCE_PROGRAM
+    client.log_artifact(run_id, str(program), artifact_path=f"{PAYLOAD_ROOT}/reference")
+    program.unlink()
+    return f"runs:/{run_id}/{PAYLOAD_ROOT}/reference/{program.name}"
 
 
 def _eager_fn(model, sig):
@@ -200,7 +233,7 @@ def _summary(v, model_dir) -> dict:
     prov = v.provenance
     if "compiler" in prov:
         entry["compiler"] = f"{prov['compiler']} {prov.get('compiler_version', '')}".strip()
-    for key in ("exporter", "opset", "build_seconds"):
+    for key in ("exporter", "opset", "build_seconds", "size_bytes"):
         if key in prov:
             entry[key] = prov[key]
     if v.options:
@@ -287,6 +320,7 @@ def log_model(
             benchmark=benchmark,
             build_timeout=build_timeout,
             build_parallelism=build_parallelism,
+            _payload_run_id=run.info.run_id,
             run_id=run.info.run_id,
             model=model,
             **kwargs,

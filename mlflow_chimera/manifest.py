@@ -133,10 +133,17 @@ class Variant:
     provenance: dict = field(default_factory=dict)
     parity: Parity | None = None
     benchmarks: list = field(default_factory=list)  # [Benchmark]
+    # Artifact URI of the directory holding the files, when they are not in the model
+    # directory (a logged model keeps payloads in its run's artifacts; see cache.py).
+    location: str | None = None
 
     @property
     def passed_parity(self) -> bool:
         return self.status == READY and self.parity is not None and self.parity.passed
+
+    def content_key(self) -> str:
+        """sha256 naming this variant's set of files (paths and digests): its cache key."""
+        return hashlib.sha256(json.dumps(self.files, sort_keys=True).encode()).hexdigest()
 
     def benchmark_for(self, host_class: str) -> Benchmark | None:
         for b in self.benchmarks:

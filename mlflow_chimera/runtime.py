@@ -149,10 +149,29 @@ def read_variants(model_dir, flavor_conf: dict) -> tuple[list, LoadContext]:
     model_dir = Path(model_dir)
     variants = [Variant.load(variant_dir(model_dir, vid), expected_sha256=entry["variant_json_sha256"])
                 for vid, entry in flavor_conf["variants"].items()]
+    variants += _published_variants(model_dir, {v.id for v in variants})
     merge_host_benchmarks(variants, model_dir)
     context = LoadContext(model_dir=model_dir, signature=Signature.from_dict(flavor_conf["signature"]),
-                          reference_sha256=flavor_conf["reference"]["sha256"])
+                          reference_sha256=flavor_conf["reference"]["sha256"],
+                          reference_uri=flavor_conf["reference"].get("uri"))
     return variants, context
+
+
+def _published_variants(model_dir: Path, known_ids: set) -> list:
+    """Variants target hosts published for this logged model (tags in the tracking store).
+    Without a reachable tracking store the model still loads with its own variants."""
+    import yaml
+
+    model_id = yaml.safe_load(Path(model_dir, "MLmodel").read_text()).get("model_id")
+    if not model_id:
+        return []
+    from mlflow_chimera.publish import read_published_variants
+
+    try:
+        return read_published_variants(model_id, known_ids)
+    except Exception as exc:  # noqa: BLE001 - published variants are an addition, never a must
+        _logger.warning("chimera: published variants of %s not read: %s: %s", model_id, type(exc).__name__, exc)
+        return []
 
 
 def load(model_dir, flavor_conf: dict, model_config: dict | None = None) -> ChimeraModel:
@@ -175,10 +194,21 @@ def load(model_dir, flavor_conf: dict, model_config: dict | None = None) -> Chim
     raise RuntimeError("no variant of this model can run on this host.\n" + decision.explain())
 
 
+def local_variant_dir(variant: Variant, model_dir: Path) -> Path:
+    """The variant's files, verified: in the model directory when they are there (a saved
+    model), else fetched from artifact storage into the local cache (a logged model)."""
+    vdir = variant_dir(model_dir, variant.id)
+    if variant.location and not all(Path(vdir, rel).is_file() for rel in variant.files):
+        from mlflow_chimera.cache import fetch_dir
+
+        return fetch_dir(variant.location, variant.content_key(), variant.files)
+    verify_digests(vdir, variant.files)
+    return vdir
+
+
 def load_verified(variant: Variant, model_dir: Path, context: LoadContext, check: bool):
     """Verify every file's digest, load, and check the outputs on the recorded example."""
-    vdir = variant_dir(model_dir, variant.id)
-    verify_digests(vdir, variant.files)
+    vdir = local_variant_dir(variant, model_dir)
     runner = backend_registry.get(variant.backend).load(variant, vdir, context)
     if check and variant.parity is not None:
         inputs = _load_npz(model_dir / CHECK_INPUTS)

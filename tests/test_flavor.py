@@ -53,7 +53,9 @@ def test_model_directory_layout_and_provenance(logged, tmp_path):
     mlmodel = yaml.safe_load((local / "MLmodel").read_text())
     assert mlmodel["flavors"]["python_function"]["loader_module"] == "mlflow_chimera"
     conf = mlmodel["flavors"]["chimera"]
-    assert (local / conf["reference"]["path"]).is_file()
+    # Payloads live in the run's artifacts, fetched on demand; the model directory is small.
+    assert conf["reference"]["uri"] == f"runs:/{info.run_id}/chimera/reference/program.pt2"
+    assert not (local / conf["reference"]["path"]).exists()
     assert set(conf["variants"]) >= {"onnxruntime-fp32-cpu", "onnxruntime-int8-cpu", "eager-fp32-cpu"}
     variant = json.loads((local / "variants/onnxruntime-fp32-cpu/variant.json").read_text())
     prov = variant["provenance"]
@@ -64,6 +66,7 @@ def test_model_directory_layout_and_provenance(logged, tmp_path):
     assert prov["build_seconds"] > 0 and "opset" in prov
     assert prov["session_options"]["graph_optimization_level"] == "all"
     assert set(variant["files"]) == {"model.onnx"} and len(variant["files"]["model.onnx"]) == 64
+    assert variant["location"] == f"runs:/{info.run_id}/chimera/variants/onnxruntime-fp32-cpu"
     assert variant["parity"]["passed"] is True
     batches = {c["batch"] for c in variant["parity"]["checks"]}
     assert {1, 2} <= batches and max(batches) >= 16  # example batch, batch 1 and a larger one

@@ -46,11 +46,26 @@ class BuildOutput:
 
 @dataclass
 class LoadContext:
-    """What a loader gets besides the variant directory."""
+    """What a loader gets besides the variant directory. ``reference_path()`` gives the
+    reference program, fetched (and verified) only when a backend needs it."""
 
     model_dir: Path
     signature: object  # reference.Signature
     reference_sha256: str
+    reference_uri: str | None = None  # where the program lives when not in model_dir
+    reference_file: Path | None = None  # a local copy already at hand (builds)
+
+    def reference_path(self) -> Path:
+        from mlflow_chimera.manifest import REFERENCE_PROGRAM
+
+        if self.reference_file is not None:
+            return Path(self.reference_file)
+        local = Path(self.model_dir, REFERENCE_PROGRAM)
+        if local.is_file() or not self.reference_uri:
+            return local
+        from mlflow_chimera.cache import fetch_file
+
+        return fetch_file(self.reference_uri, self.reference_sha256, local.name)
 
 
 class Runner(Protocol):

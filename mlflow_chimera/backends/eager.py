@@ -70,7 +70,7 @@ class EagerBackend:
     def load(self, variant, variant_dir: Path, context: LoadContext):
         from mlflow_chimera.reference import load_program
 
-        program = load_program(Path(context.model_dir, REFERENCE_PROGRAM), context.reference_sha256)
+        program = load_program(context.reference_path(), context.reference_sha256)
         return EagerRunner(program.module(), context.signature)
 
     def pip_requirements(self, variant) -> list:

@@ -28,7 +28,7 @@ from mlflow_chimera.backends.base import (
     pin_requirement,
 )
 from mlflow_chimera.host import fingerprint, installed_version
-from mlflow_chimera.manifest import CHECK_INPUTS, REFERENCE_PROGRAM
+from mlflow_chimera.manifest import CHECK_INPUTS
 
 CACHE_FILE = "compile_cache.bin"
 _COMPILE_OPTIONS = {"dynamic": True, "fullgraph": False, "mode": "default"}
@@ -135,7 +135,7 @@ class TorchCompileBackend:
         from mlflow_chimera.reference import load_program
 
         torch.compiler.load_cache_artifacts(Path(variant_dir, CACHE_FILE).read_bytes())
-        program = load_program(Path(context.model_dir, REFERENCE_PROGRAM), context.reference_sha256)
+        program = load_program(context.reference_path(), context.reference_sha256)
         compiled = _compile(program.module(), variant.options)
         with np.load(Path(context.model_dir, CHECK_INPUTS), allow_pickle=False) as data:
             example = {k: data[k] for k in data.files}

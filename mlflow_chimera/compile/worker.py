@@ -116,8 +116,10 @@ def run_job(job: BuildJob) -> Variant:
                           "build_seconds": round(time.perf_counter() - started, 3)}
     variant.requirements = output.requirements
     variant.files = digest_tree(out_dir)
+    variant.provenance["size_bytes"] = sum(Path(out_dir, rel).stat().st_size for rel in variant.files)
     load_context = LoadContext(model_dir=Path(job.model_dir), signature=signature,
-                               reference_sha256=job.reference_sha256)
+                               reference_sha256=job.reference_sha256,
+                               reference_file=Path(job.program_path))
     load_started = time.perf_counter()
     try:
         runner = backend.load(variant, out_dir, load_context)

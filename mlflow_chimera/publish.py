@@ -1,0 +1,210 @@
+"""Compile a logged model on a target host and publish the new variants to the same model.
+
+    from mlflow_chimera.publish import compile_model
+    compile_model("models:/clf@prod", backends=["aotinductor"])
+
+The target host downloads only the MLmodel, the example checks and the reference program, runs
+the same pipeline as ``log_model`` (isolated build → parity → benchmark → provenance) for what
+it can build, and publishes each new variant:
+
+* its files go to the artifacts of a new run in the model's experiment ("chimera compile
+  <host class>"), under ``chimera/variants/<id>/`` — a location no other publisher writes;
+* it is announced by one tag per variant on the logged model, mirrored on every model version
+  that points at it: ``chimera.variant.<id>`` = ``{"uri", "variant_json_sha256", …}``. Tags are
+  independent keys, so concurrent publishers of different variants never overwrite each other,
+  and the digest in the registry is the trust anchor for the files in the artifact store.
+
+No new model version is needed: loaders of any version of this model see published variants.
+Compiling again is idempotent: variants whose id the model already has are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+PUBLISHED_TAG_PREFIX = "chimera.variant."
+PAYLOAD_ROOT = "chimera"
+
+
+def published_entries(tags: dict) -> dict:
+    """{variant id: entry} from ``chimera.variant.<id>`` tags."""
+    entries = {}
+    for key, value in tags.items():
+        if key.startswith(PUBLISHED_TAG_PREFIX):
+            try:
+                entries[key[len(PUBLISHED_TAG_PREFIX):]] = json.loads(value)
+            except ValueError:
+                continue
+    return entries
+
+
+def read_published_variants(model_id: str, known_ids=()) -> list:
+    """Variant records published for ``model_id`` by target hosts, each ``variant.json``
+    fetched and checked against the digest in its tag. Ids in ``known_ids`` are skipped."""
+    from mlflow.tracking import MlflowClient
+
+    from mlflow_chimera.cache import fetch_file
+    from mlflow_chimera.manifest import VARIANT_FILE, Variant
+
+    tags = MlflowClient().get_logged_model(model_id).tags
+    variants = []
+    for vid, entry in sorted(published_entries(tags).items()):
+        if vid in known_ids:
+            continue
+        path = fetch_file(f"{entry['uri']}/{VARIANT_FILE}", entry["variant_json_sha256"], VARIANT_FILE,
+                          kind="variant-records")
+        variants.append(Variant.load(path.parent))
+    return variants
+
+
+def resolve_model(model_uri: str):
+    """(MLflow Model, logged model id) for a ``models:/`` (name/version, name@alias, model id)
+    or ``runs:/`` URI; downloads only MLmodel."""
+    from mlflow.models import Model
+
+    model = Model.load(model_uri)
+    model_id = getattr(model, "model_id", None)
+    if not model_id:
+        raise ValueError(f"{model_uri} is not a logged model (no model id in its MLmodel); "
+                         "compile needs a model logged to a tracking store")
+    if "chimera" not in model.flavors:
+        raise ValueError(f"{model_uri} is not a chimera model (flavors: {sorted(model.flavors)})")
+    return model, model_id
+
+
+def compile_model(model_uri: str, backends=None, precisions=None, tolerances: dict | None = None,
+                  benchmark: dict | None = None, build_timeout: float | None = None,
+                  force: bool = False, progress=None) -> dict:
+    """Build, check, time and publish the variants this host can build for a logged model.
+
+    Returns ``{"model_id", "run_id", "host_class", "published": [ids], "skipped": {id: why},
+    "variants": {id: {"status", "reason", "p50_ms"}}}``.
+    """
+    import mlflow
+    import numpy as np
+    from mlflow.tracking import MlflowClient
+
+    from mlflow_chimera import host as host_mod
+    from mlflow_chimera.backends.base import LoadContext
+    from mlflow_chimera.compile.pipeline import build_variants, check_request, resolve_backends
+    from mlflow_chimera.manifest import CHECK_INPUTS, REFERENCE_PROGRAM
+    from mlflow_chimera.reference import Signature, load_program
+
+    check_request(backends, precisions)
+    say = progress or (lambda message: None)
+    model, model_id = resolve_model(model_uri)
+    conf = model.flavors["chimera"]
+    client = MlflowClient()
+    logged_model = client.get_logged_model(model_id)
+    existing = set(conf["variants"]) | set(published_entries(logged_model.tags))
+    host = host_mod.fingerprint()
+    chosen, _ = resolve_backends(backends)
+    wanted = [plan.id for _, backend in chosen for plan in backend.plan(list(precisions or ("fp32", "int8")), host)]
+    skipped = {vid: "already in the model" for vid in wanted if vid in existing and not force}
+    if len(skipped) == len(wanted):
+        return {"model_id": model_id, "run_id": None, "host_class": host.host_class,
+                "published": [], "skipped": skipped, "variants": {}}
+
+    signature = Signature.from_dict(conf["signature"])
+    with tempfile.TemporaryDirectory(prefix="chimera-compile-") as work:
+        work = Path(work)
+        say("fetching the reference program")
+        checks = mlflow.artifacts.download_artifacts(artifact_uri=f"{model_uri}/{CHECK_INPUTS}", dst_path=str(work))
+        with np.load(checks, allow_pickle=False) as data:
+            example = {k: data[k] for k in data.files}
+        context = LoadContext(model_dir=work, signature=signature, reference_sha256=conf["reference"]["sha256"],
+                              reference_uri=conf["reference"].get("uri") or f"{model_uri}/{REFERENCE_PROGRAM}")
+        program_path = context.reference_path()
+        reference_module = load_program(program_path, context.reference_sha256).module()
+        variants, _ = build_variants(
+            model_dir=work, program_path=program_path, reference_sha256=context.reference_sha256,
+            signature=signature, example=example, reference_fn=_program_fn(reference_module, signature),
+            backends=[name for name, _ in chosen], precisions=precisions, tolerances=tolerances,
+            benchmark=benchmark, build_timeout=build_timeout, progress=say,
+        )
+        new = [v for v in variants if v.id not in skipped]
+        run_id = _publish(client, logged_model, work, new, host, say)
+    return {
+        "model_id": model_id,
+        "run_id": run_id,
+        "host_class": host.host_class,
+        "published": [v.id for v in new],
+        "skipped": skipped,
+        "variants": {v.id: {"status": v.status, "reason": v.reason,
+                            "p50_ms": {b: r["p50"] for b, r in (v.benchmarks[0].latency_ms.items()
+                                                                 if v.benchmarks else [])}}
+                     for v in new},
+    }
+
+
+def _program_fn(module, signature):
+    import numpy as np
+    import torch
+
+    from mlflow_chimera.reference import flatten_outputs
+
+    def run(named: dict) -> list:
+        args, kwargs = signature.split_call({n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in named.items()})
+        with torch.inference_mode():
+            return flatten_outputs(module(*args, **kwargs))[0]
+
+    return run
+
+
+def _publish(client, logged_model, work: Path, variants: list, host, say) -> str:
+    """Upload each variant to a new run's artifacts and announce it with a tag on the logged
+    model and its model versions. Returns the run id."""
+    from mlflow_chimera.manifest import variant_dir
+
+    run = client.create_run(logged_model.experiment_id, run_name=f"chimera compile {host.host_class}",
+                            tags={"chimera.compiled_for_model": logged_model.model_id,
+                                  "chimera.host_class": host.host_class})
+    run_id = run.info.run_id
+    tags = {}
+    try:
+        for v in variants:
+            vdir = variant_dir(work, v.id)
+            artifact_path = f"{PAYLOAD_ROOT}/variants/{v.id}"
+            v.location = f"runs:/{run_id}/{artifact_path}"
+            digest = v.save(vdir)
+            say(f"publishing {v.id} ({v.status})")
+            client.log_artifacts(run_id, str(vdir), artifact_path=artifact_path)
+            tags[f"{PUBLISHED_TAG_PREFIX}{v.id}"] = json.dumps({
+                "uri": v.location, "variant_json_sha256": digest, "status": v.status,
+                "host_class": host.host_class, "backend": v.backend, "precision": v.precision,
+            }, sort_keys=True)
+        client.log_batch(run_id, metrics=_latency_metrics(variants, logged_model.model_id))
+        # Files first, then the announcements: a loader never sees a tag whose files are missing.
+        client.set_logged_model_tags(logged_model.model_id, tags)
+        for version in _versions_of(client, logged_model):
+            for key, value in tags.items():
+                client.set_model_version_tag(version.name, version.version, key, value)
+        client.set_terminated(run_id)
+    except Exception:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    return run_id
+
+
+def _latency_metrics(variants: list, model_id: str) -> list:
+    """The compile run's metrics: each published variant's p50/p99 per batch on this host."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(f"chimera.{v.id}.{stat}_ms.batch_{batch}", float(r[stat]), now, 0, model_id=model_id)
+            for v in variants if v.benchmarks
+            for batch, r in v.benchmarks[0].latency_ms.items() for stat in ("p50", "p99")]
+
+
+def _versions_of(client, logged_model) -> list:
+    """Model versions that point at ``logged_model``."""
+    if not logged_model.source_run_id:
+        return []
+    versions = client.search_model_versions(f"run_id = '{logged_model.source_run_id}'")
+    # A version's model_id is not always filled in by the store; its source names the model.
+    return [mv for mv in versions if getattr(mv, "model_id", None) == logged_model.model_id
+            or mv.source == f"models:/{logged_model.model_id}"]
