@@ -290,9 +290,10 @@ def log_model(
     """Log a PyTorch model as a chimera model (see :func:`save_model` for the chimera options).
 
     Returns MLflow's ``ModelInfo``. Each variant's benchmark and parity figures are logged as
-    metrics (``chimera.<variant>.…``) on the run and the logged model, and the key facts become
-    tags on the run, the logged model and, when registered, the model version. Without an
-    active run, one is started for the model and ended afterwards.
+    metrics (``chimera.<measure>/<variant>``) on the run and the logged model, the key facts
+    become tags and a description on the run, the logged model and, when registered, the model
+    version, and a report is written to the logged model's ``report/`` (see ``tracking.py``).
+    Without an active run, one is started for the model and ended afterwards.
     """
     from mlflow_chimera.tracking import record_variants
 

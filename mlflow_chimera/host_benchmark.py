@@ -39,14 +39,17 @@ def read_host_benchmarks(model_dir) -> dict:
 
 
 def merge_host_benchmarks(variants: list, model_dir) -> None:
-    """Add stored host benchmarks to the variants' records (replacing older ones of a class)."""
+    """Add stored host benchmarks to the variants' records. Per batch size, a stored figure
+    replaces the one recorded earlier for the same host class; other batches are kept."""
     from mlflow_chimera.manifest import Benchmark
 
     for host_class, per_variant in read_host_benchmarks(model_dir).items():
         for v in variants:
             if v.id in per_variant:
+                earlier = v.benchmark_for(host_class)
+                latency = {**(earlier.latency_ms if earlier else {}), **per_variant[v.id]}
                 v.benchmarks = [b for b in v.benchmarks if b.host_class != host_class]
-                v.benchmarks.append(Benchmark(host_class, per_variant[v.id], tool="chimera.benchmark"))
+                v.benchmarks.append(Benchmark(host_class, latency, tool="chimera.benchmark"))
 
 
 def benchmark(model_uri: str, batches=None, timing: dict | None = None, store: bool = True) -> dict:
@@ -62,6 +65,14 @@ def benchmark(model_uri: str, batches=None, timing: dict | None = None, store: b
     "skipped": {id: reason}}``.
     """
     import mlflow
+
+    with tempfile.TemporaryDirectory(prefix="chimera-bench-") as tmp:
+        local = model_uri if os.path.isdir(model_uri) else \
+            mlflow.artifacts.download_artifacts(model_uri, dst_path=tmp)
+        return _benchmark_local(model_uri, local, batches, timing, store)
+
+
+def _benchmark_local(model_uri: str, local: str, batches, timing, store: bool) -> dict:
     import numpy as np
     from mlflow.utils.model_utils import _get_flavor_configuration
 
@@ -72,7 +83,6 @@ def benchmark(model_uri: str, batches=None, timing: dict | None = None, store: b
     from mlflow_chimera.manifest import CHECK_INPUTS
     from mlflow_chimera.selection import rank
 
-    local = model_uri if os.path.isdir(model_uri) else mlflow.artifacts.download_artifacts(model_uri)
     conf = _get_flavor_configuration(model_path=local, flavor_name="chimera")
     variants, context = runtime.read_variants(local, conf)
     host = host_mod.fingerprint()

@@ -101,20 +101,34 @@ def test_batch_one_example_still_gives_a_dynamic_batch(tracking_uri):
 
 def test_metrics_and_tags_on_run_logged_model_and_version(logged):
     info, _, _, name = logged.get("cnn")
+    conf = info.flavors["chimera"]
     client = MlflowClient()
     run = client.get_run(info.run_id)
-    assert run.data.tags["chimera.reference_sha256"] == info.flavors["chimera"]["reference"]["sha256"]
-    assert "onnxruntime-fp32-cpu: ready" in run.data.tags["chimera.variants"]
+    assert run.data.tags["chimera.reference_sha256"] == conf["reference"]["sha256"]
+    assert "passed: onnxruntime-fp32-cpu" in run.data.tags["chimera.variants"]
+    assert run.data.tags["chimera.status.onnxruntime-fp32-cpu"].startswith("passed · p50 ")
+    assert "torch" in run.data.tags["chimera.built_with"]
     assert "chimera.host_class" in run.data.tags  # the run context provider
-    assert run.data.metrics["chimera.onnxruntime-fp32-cpu.p50_ms.batch_1"] > 0
-    assert "chimera.onnxruntime-fp32-cpu.parity_max_abs" in run.data.metrics
+    # Metrics: one section per measure (before the "/"), one entry per variant.
+    assert run.data.metrics["chimera.latency_p50_ms.batch_1/onnxruntime-fp32-cpu"] > 0
+    assert run.data.metrics["chimera.latency_p99_ms.batch_2/onnxruntime-fp32-cpu"] > 0
+    assert "chimera.parity_max_abs_err/onnxruntime-fp32-cpu" in run.data.metrics
+    assert "chimera.parity_max_rel_err/onnxruntime-int8-cpu" in run.data.metrics
+    assert run.data.metrics["chimera.size_mb/onnxruntime-fp32-cpu"] > 0
+    assert run.data.metrics["chimera.size_mb/eager-fp32-cpu"] > 0  # the reference program it runs
+    assert "chimera.seconds_to_build/onnxruntime-fp32-cpu" in run.data.metrics
+    assert run.data.tags["mlflow.note.content"].startswith("**mlflow-chimera** model `cnn-")
     logged_model = client.get_logged_model(info.model_id)
-    assert logged_model.tags["chimera.build_host_class"] == info.flavors["chimera"]["build_host_class"]
-    assert {m.key for m in logged_model.metrics} >= {"chimera.eager-fp32-cpu.p50_ms.batch_1"}
+    assert logged_model.tags["chimera.build_host_class"] == conf["build_host_class"]
+    assert "fastest on" in logged_model.tags["mlflow.note.content"]
+    assert {m.key for m in logged_model.metrics} >= {"chimera.latency_p50_ms.batch_1/eager-fp32-cpu"}
     version = client.get_model_version(name, "1")
     assert version.tags["chimera.reference_sha256"] == run.data.tags["chimera.reference_sha256"]
+    assert version.tags["chimera.variants"] == run.data.tags["chimera.variants"]
     fastest = [k for k in version.tags if k.startswith("chimera.fastest.")]
-    assert fastest and version.tags[fastest[0]] in info.flavors["chimera"]["variants"]
+    assert fastest == [f"chimera.fastest.{conf['build_host_class']}"]
+    assert version.tags[fastest[0]] in conf["variants"]
+    assert version.description.startswith("**mlflow-chimera**")
 
 
 def test_log_model_params_tags_and_metadata_are_passed_through(tracking_uri):

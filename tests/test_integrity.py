@@ -3,7 +3,6 @@ unpickled unrestricted."""
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import pickle

@@ -11,20 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
-import time
 
 import numpy as np
 import pytest
 import requests
 
 import models
+import servers
 
 pytestmark = pytest.mark.serve
 
@@ -37,22 +32,8 @@ LOOSE = 0.1  # vs eager: the chosen variant may be int8
 # -- the server ---------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, proc: subprocess.Popen, url: str, log_path: str):
-        self.proc = proc
-        self.url = url
-        self._log_path = log_path
-
-    def output(self) -> str:
-        """Everything the server wrote to stdout and stderr so far."""
-        with open(self._log_path, encoding="utf-8", errors="replace") as f:
-            return f.read()
+class Server(servers.ServerProcess):
+    """A running `mlflow models serve`."""
 
     def invoke(self, payload: dict) -> requests.Response:
         return requests.post(f"{self.url}/invocations", json=payload, timeout=REQUEST_TIMEOUT_S)
@@ -68,57 +49,18 @@ class Server:
         return found[0]
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)  # the whole group: mlflow's CLI and the uvicorn it execs
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 @contextlib.contextmanager
 def serve(model_uri: str, tracking_uri: str, extra_env: dict | None = None):
     """Start `mlflow models serve` for ``model_uri``, wait for /ping, always stop it."""
-    env = dict(os.environ)
+    env = servers.venv_env({"MLFLOW_TRACKING_URI": tracking_uri, **(extra_env or {})})
     for key in ("SERVING_MODEL_CONFIG", "MLFLOW_PYFUNC_INFERENCE_CONFIG"):
-        env.pop(key, None)
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    env["MLFLOW_TRACKING_URI"] = tracking_uri
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra_env or {})
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tempfile.NamedTemporaryFile(prefix="chimera-serve-", suffix=".log", delete=False)
+        if key not in (extra_env or {}):
+            env.pop(key, None)
+    port = servers.free_port()
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
            "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
-    log.close()
-    server = Server(proc, url, log.name)
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server for {model_uri} exited with {proc.returncode}:\n{server.output()}")
-            try:
-                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server for {model_uri} did not answer /ping in {STARTUP_TIMEOUT_S} s:\n"
-                            f"{server.output()}")
-            time.sleep(0.25)
-        yield server
-    finally:
-        _stop(proc)
-        with contextlib.suppress(OSError):
-            os.unlink(log.name)
+    with servers.running(cmd, port, "/ping", env, f"server for {model_uri}", STARTUP_TIMEOUT_S) as proc:
+        yield Server(proc.proc, proc.url, proc.log_path)
 
 
 # -- fixtures -----------------------------------------------------------------------------

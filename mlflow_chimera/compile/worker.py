@@ -8,7 +8,6 @@ over a :class:`BuildJob`; the child writes ``variant.json`` into the variant dir
 from __future__ import annotations
 
 import fcntl
-import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
