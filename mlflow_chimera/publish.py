@@ -126,6 +126,7 @@ def compile_model(model_uri: str, backends=None, precisions=None, tolerances: di
         )
         new = [v for v in variants if v.id not in skipped]
         run_id = _publish(client, logged_model, work, new, host, say)
+    _refresh_facts(client, model_id, conf, new, run_id, host)
     return {
         "model_id": model_id,
         "run_id": run_id,
@@ -175,7 +176,6 @@ def _publish(client, logged_model, work: Path, variants: list, host, say) -> str
                 "uri": v.location, "variant_json_sha256": digest, "status": v.status,
                 "host_class": host.host_class, "backend": v.backend, "precision": v.precision,
             }, sort_keys=True)
-        client.log_batch(run_id, metrics=_latency_metrics(variants, logged_model.model_id))
         # Files first, then the announcements: a loader never sees a tag whose files are missing.
         client.set_logged_model_tags(logged_model.model_id, tags)
         for version in _versions_of(client, logged_model):
@@ -188,16 +188,26 @@ def _publish(client, logged_model, work: Path, variants: list, host, say) -> str
     return run_id
 
 
-def _latency_metrics(variants: list, model_id: str) -> list:
-    """The compile run's metrics: each published variant's p50/p99 per batch on this host."""
-    import time
+def _refresh_facts(client, model_id: str, conf: dict, new: list, run_id: str, host) -> None:
+    """Rewrite the report, tags and descriptions of the model (and its versions) to include the
+    published variants, and record the new variants' figures on the compile run."""
+    import dataclasses
+    import logging
 
-    from mlflow.entities import Metric
+    from mlflow_chimera.report import refresh_report
+    from mlflow_chimera.tracking import record_facts
 
-    now = int(time.time() * 1000)
-    return [Metric(f"chimera.{v.id}.{stat}_ms.batch_{batch}", float(r[stat]), now, 0, model_id=model_id)
-            for v in variants if v.benchmarks
-            for batch, r in v.benchmarks[0].latency_ms.items() for stat in ("p50", "p99")]
+    try:
+        published = read_published_variants(model_id, known_ids=set(conf["variants"]))
+        facts = refresh_report(model_id, extra_variants=published, flavor_conf=conf, client=client)
+        record_facts(client, facts, model_id=model_id)
+        for version in _versions_of(client, client.get_logged_model(model_id)):
+            record_facts(client, facts, model_version=(version.name, str(version.version)))
+        record_facts(client, dataclasses.replace(facts, variants=new, build_host_class=host.host_class),
+                     run_id=run_id)
+    except Exception as exc:  # noqa: BLE001 - the variants are published; the summary is extra
+        logging.getLogger("mlflow.chimera").warning(
+            "chimera: published, but the report/tags of %s were not refreshed: %s", model_id, exc)
 
 
 def _versions_of(client, logged_model) -> list:

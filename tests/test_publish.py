@@ -40,6 +40,9 @@ def test_two_publishers_racing_lose_nothing_and_compiling_again_is_idempotent(tr
     model_id = mlflow.models.get_model_info(uri).model_id
     tags = client.get_logged_model(model_id).tags
     assert {k[len(PUBLISHED_TAG_PREFIX):] for k in tags if k.startswith(PUBLISHED_TAG_PREFIX)} == published
+    # The model's summary now covers the published variants too (report, status tags).
+    assert all(f"chimera.status.{vid}" in tags for vid in published)
+    assert "eager-fp32-cpu" in tags["chimera.variants"]
     version_tags = client.get_model_version(name, "1").tags
     assert {k for k in version_tags if k.startswith(PUBLISHED_TAG_PREFIX)} == \
         {k for k in tags if k.startswith(PUBLISHED_TAG_PREFIX)}
