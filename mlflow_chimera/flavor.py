@@ -42,6 +42,7 @@ import mlflow_chimera
 from mlflow_chimera import backends as backend_registry
 from mlflow_chimera import host as host_mod
 from mlflow_chimera import reference
+from mlflow_chimera.backends.torch_runner import TorchRunner
 from mlflow_chimera.compile.pipeline import build_variants, check_request
 from mlflow_chimera.manifest import (
     CHECK_INPUTS,
@@ -122,7 +123,7 @@ def save_model(
     Path(path, REFERENCE_DIR).mkdir(parents=True)
     program_path = Path(path, REFERENCE_PROGRAM)
     reference_sha256 = reference.save_program(program, program_path)
-    eager = _eager_fn(model, sig)
+    eager = TorchRunner(model, sig).run  # the original module: what every variant must match
     np.savez(Path(path, CHECK_INPUTS), **example)
     np.savez(Path(path, CHECK_OUTPUTS), **dict(zip(sig.output_names, eager(example))))
 
@@ -198,18 +199,6 @@ def _externalize_payloads(model_dir: Path, variants: list, run_id: str) -> str:
     client.log_artifact(run_id, str(program), artifact_path=f"{PAYLOAD_ROOT}/reference")
     program.unlink()
     return f"runs:/{run_id}/{PAYLOAD_ROOT}/reference/{program.name}"
-
-
-def _eager_fn(model, sig):
-    """Run the original eager module on named numpy inputs; flattened numpy outputs."""
-    import torch
-
-    def run(named: dict) -> list:
-        args, kwargs = sig.split_call({n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in named.items()})
-        with torch.inference_mode():
-            return reference.flatten_outputs(model(*args, **kwargs))[0]
-
-    return run
 
 
 def _summary(v, model_dir) -> dict:

@@ -88,6 +88,7 @@ def compile_model(model_uri: str, backends=None, precisions=None, tolerances: di
 
     from mlflow_chimera import host as host_mod
     from mlflow_chimera.backends.base import LoadContext
+    from mlflow_chimera.backends.torch_runner import TorchRunner
     from mlflow_chimera.compile.pipeline import build_variants, check_request, resolve_backends
     from mlflow_chimera.manifest import CHECK_INPUTS, REFERENCE_PROGRAM
     from mlflow_chimera.reference import Signature, load_program
@@ -120,7 +121,7 @@ def compile_model(model_uri: str, backends=None, precisions=None, tolerances: di
         reference_module = load_program(program_path, context.reference_sha256).module()
         variants, _ = build_variants(
             model_dir=work, program_path=program_path, reference_sha256=context.reference_sha256,
-            signature=signature, example=example, reference_fn=_program_fn(reference_module, signature),
+            signature=signature, example=example, reference_fn=TorchRunner(reference_module, signature).run,
             backends=[name for name, _ in chosen], precisions=precisions, tolerances=tolerances,
             benchmark=benchmark, build_timeout=build_timeout, progress=say,
         )
@@ -138,20 +139,6 @@ def compile_model(model_uri: str, backends=None, precisions=None, tolerances: di
                                                                  if v.benchmarks else [])}}
                      for v in new},
     }
-
-
-def _program_fn(module, signature):
-    import numpy as np
-    import torch
-
-    from mlflow_chimera.reference import flatten_outputs
-
-    def run(named: dict) -> list:
-        args, kwargs = signature.split_call({n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in named.items()})
-        with torch.inference_mode():
-            return flatten_outputs(module(*args, **kwargs))[0]
-
-    return run
 
 
 def _publish(client, logged_model, work: Path, variants: list, host, say) -> str:

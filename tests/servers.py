@@ -58,13 +58,13 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def running(cmd: list, port: int, ready_path: str, env: dict, what: str, timeout: float = 120):
+def running(cmd: list, port: int, ready_path: str, env: dict, what: str, timeout: float = 120, cwd=None):
     """Start ``cmd`` (listening on ``port``), wait until ``ready_path`` answers 200, yield a
     :class:`ServerProcess`, and stop it however the test ends."""
     url = f"http://127.0.0.1:{port}"
     log = tempfile.NamedTemporaryFile(prefix="chimera-server-", suffix=".log", delete=False)
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+                            stdin=subprocess.DEVNULL, start_new_session=True, cwd=cwd)
     log.close()
     server = ServerProcess(proc, url, log.name)
     try:

@@ -25,9 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import textwrap
 import time
@@ -38,6 +35,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
+import servers
 
 INSTALL = "pip install -e plugins/   (from the repository root)"
 SCHEME = "chimera+sqlite"
@@ -102,38 +101,6 @@ def _plugin_entry_point():
 # -- the tracking server -----------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_health(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError(f"mlflow server did not answer /health in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop the server and the workers it started (its own process group)."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """``mlflow server`` with the chimera registry store, unable to import torch & co."""
@@ -151,9 +118,7 @@ def server(tmp_path_factory):
     blocked_log = root / "blocked-imports.jsonl"
     blocked_log.touch()
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = root / "server.log"
+    port = servers.free_port()
     env = dict(os.environ)
     for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):  # the session's store is not this one
         env.pop(key, None)
@@ -165,16 +130,9 @@ def server(tmp_path_factory):
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", db,
            "--registry-store-uri", f"chimera+{db}", "--default-artifact-root", str(root / "artifacts"),
            "-h", "127.0.0.1", "-p", str(port), "--workers", "1"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                cwd=root)
-    try:
-        started = time.perf_counter()
-        _wait_for_health(url, proc, log)
-        print(f"mlflow server answered /health after {time.perf_counter() - started:.1f} s")
-        yield {"url": url, "log": log, "blocked_log": blocked_log, "proc": proc}
-    finally:
-        _stop(proc)
+    with servers.running(cmd, port, "/health", env, "mlflow server", timeout=180, cwd=root) as running:
+        yield {"url": running.url, "log": Path(running.log_path), "blocked_log": blocked_log,
+               "proc": running.proc, "root": root}
 
 
 # -- talking to it -----------------------------------------------------------------------------
@@ -276,7 +234,7 @@ def registered(server):
         # read the flavor (mlflow_chimera is not importable in the server).
         copy = client.create_logged_model(experiment_id, name="flavor-only")
         mlmodel = Path(mlflow.artifacts.download_artifacts(f"{out['logged'].artifact_location}/MLmodel",
-                                                           dst_path=str(server["log"].parent / "copy")))
+                                                           dst_path=str(server["root"] / "copy")))
         client.log_model_artifact(copy.model_id, str(mlmodel))
         out["copy_logged"] = client.get_logged_model(copy.model_id)
 

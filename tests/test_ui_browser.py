@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+import servers
 
 CHROMIUM = os.environ.get("CHIMERA_CHROMIUM", "/usr/bin/chromium")
 LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -71,38 +69,6 @@ def browser():
 # -- the tracking server and the logged model ------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_health(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError(f"mlflow server did not answer /health in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop the server and the workers it started (its own process group)."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-
-
 def _child_env() -> dict:
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)  # the session's sqlite store is not this server
@@ -114,21 +80,14 @@ def _child_env() -> dict:
 def server(tmp_path_factory):
     """``mlflow server`` on a free port of 127.0.0.1 with a sqlite store and its own artifacts."""
     root = tmp_path_factory.mktemp("ui-server")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = root / "server.log"
+    port = servers.free_port()
     env = _child_env()
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no job runner: nothing here uses it
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
            "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        _wait_for_health(url, proc, log)
-        yield url
-    finally:
-        _stop(proc)
+    with servers.running(cmd, port, "/health", env, "mlflow server", timeout=180) as running:
+        yield running.url
 
 
 @pytest.fixture(scope="module")

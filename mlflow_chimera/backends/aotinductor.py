@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import platform
 import shutil
-import threading
 from pathlib import Path
 
 from mlflow_chimera.backends.base import (
@@ -24,6 +23,7 @@ from mlflow_chimera.backends.base import (
     major_minor,
     pin_requirement,
 )
+from mlflow_chimera.backends.torch_runner import TorchRunner
 
 PACKAGE_FILE = "model.pt2"
 # Inductor's vector ISA classes → a short name for the variant id, and the CPU flags (as in
@@ -54,28 +54,6 @@ def _cuda_capability() -> str | None:
         return None
     major, minor = torch.cuda.get_device_capability()
     return f"{major}{minor}"
-
-
-class AOTInductorRunner:
-    def __init__(self, compiled, signature, device: str):
-        import torch
-
-        self._torch = torch
-        self._compiled = compiled
-        self._signature = signature
-        self._device = device
-        # The AOTInductor runtime's model container is not documented as re-entrant.
-        self._lock = threading.Lock()
-
-    def run(self, inputs: dict) -> list:
-        from mlflow_chimera.reference import flatten_outputs
-
-        torch = self._torch
-        tensors = {k: torch.from_numpy(v).to(self._device) for k, v in inputs.items()}
-        args, kwargs = self._signature.split_call(tensors)
-        with self._lock, torch.inference_mode():
-            out = self._compiled(*args, **kwargs)
-        return flatten_outputs(out)[0]
 
 
 class AOTInductorBackend:
@@ -156,7 +134,7 @@ class AOTInductorBackend:
                     f"{', '.join(missing)}")
         return None
 
-    def load(self, variant, variant_dir: Path, context: LoadContext) -> AOTInductorRunner:
+    def load(self, variant, variant_dir: Path, context: LoadContext) -> TorchRunner:
         import torch
 
         from mlflow_chimera.reference import validate_archive
@@ -168,7 +146,8 @@ class AOTInductorBackend:
         # package only after runtime.ChimeraModel checked dtype, rank, every non-batch
         # dimension and 1 <= batch <= the reference's maximum.
         compiled = torch._inductor.aoti_load_package(str(path))
-        return AOTInductorRunner(compiled, context.signature, variant.requirements.get("device", "cpu"))
+        # The AOTInductor runtime's model container is not documented as re-entrant.
+        return TorchRunner(compiled, context.signature, variant.requirements.get("device", "cpu"), serialize=True)
 
     def pip_requirements(self, variant) -> list:
         return [pin_requirement("torch")]

@@ -15,26 +15,8 @@ from mlflow_chimera.backends.base import (
     major_minor,
     pin_requirement,
 )
+from mlflow_chimera.backends.torch_runner import TorchRunner
 from mlflow_chimera.manifest import REFERENCE_PROGRAM
-
-
-class EagerRunner:
-    def __init__(self, module, signature):
-        import torch
-
-        self._torch = torch
-        self._module = module
-        self._signature = signature
-
-    def run(self, inputs: dict) -> list:
-        from mlflow_chimera.reference import flatten_outputs
-
-        torch = self._torch
-        tensors = {k: torch.from_numpy(v) for k, v in inputs.items()}
-        args, kwargs = self._signature.split_call(tensors)
-        with torch.inference_mode():
-            out = self._module(*args, **kwargs)
-        return flatten_outputs(out)[0]
 
 
 class EagerBackend:
@@ -71,7 +53,7 @@ class EagerBackend:
         from mlflow_chimera.reference import load_program
 
         program = load_program(context.reference_path(), context.reference_sha256)
-        return EagerRunner(program.module(), context.signature)
+        return TorchRunner(program.module(), context.signature)
 
     def pip_requirements(self, variant) -> list:
         return [pin_requirement("torch")]

@@ -13,7 +13,6 @@ cache: it is loaded only after its sha256 matched the variant's record (runtime.
 from __future__ import annotations
 
 import os
-import threading
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from mlflow_chimera.backends.base import (
     major_minor,
     pin_requirement,
 )
+from mlflow_chimera.backends.torch_runner import TorchRunner
 from mlflow_chimera.host import fingerprint, installed_version
 from mlflow_chimera.manifest import CHECK_INPUTS
 
@@ -52,26 +52,6 @@ def _warm_up(compiled, signature, example: dict) -> float:
         with torch.inference_mode():
             compiled(*args, **kwargs)
     return time.perf_counter() - started
-
-
-class TorchCompileRunner:
-    def __init__(self, compiled, signature):
-        import torch
-
-        self._torch = torch
-        self._compiled = compiled
-        self._signature = signature
-        # Dynamo may recompile for an unseen shape; compilation is not thread-safe.
-        self._lock = threading.Lock()
-
-    def run(self, inputs: dict) -> list:
-        from mlflow_chimera.reference import flatten_outputs
-
-        torch = self._torch
-        args, kwargs = self._signature.split_call({k: torch.from_numpy(v) for k, v in inputs.items()})
-        with self._lock, torch.inference_mode():
-            out = self._compiled(*args, **kwargs)
-        return flatten_outputs(out)[0]
 
 
 class TorchCompileBackend:
@@ -129,7 +109,7 @@ class TorchCompileBackend:
             return f"its compile cache is for {variant.requirements['arch']}; this host is {host.arch}"
         return None
 
-    def load(self, variant, variant_dir: Path, context: LoadContext) -> TorchCompileRunner:
+    def load(self, variant, variant_dir: Path, context: LoadContext) -> TorchRunner:
         import torch
 
         from mlflow_chimera.reference import load_program
@@ -140,7 +120,8 @@ class TorchCompileBackend:
         with np.load(Path(context.model_dir, CHECK_INPUTS), allow_pickle=False) as data:
             example = {k: data[k] for k in data.files}
         _warm_up(compiled, context.signature, example)
-        return TorchCompileRunner(compiled, context.signature)
+        # Dynamo may recompile for an unseen shape; compilation is not thread-safe.
+        return TorchRunner(compiled, context.signature, serialize=True)
 
     def pip_requirements(self, variant) -> list:
         return [pin_requirement("torch")]
