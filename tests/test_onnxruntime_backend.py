@@ -15,6 +15,7 @@ from mlflow_chimera.backends.base import LoadContext
 from mlflow_chimera.backends.onnx_runtime import OnnxRuntimeBackend
 from mlflow_chimera.manifest import Variant
 from mlflow_chimera.reference import Signature
+from mlflow_chimera.runtime import local_variant_dir
 
 
 class KeywordOnly(torch.nn.Module):
@@ -61,8 +62,8 @@ def test_legacy_exporter_is_used_and_recorded_when_dynamo_fails(tracking_uri, tm
 def test_a_provider_that_is_not_active_fails_the_load(logged, tmp_path):
     info, _, _, name = logged.get("mlp")
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/1", dst_path=str(tmp_path)))
-    vdir = local / "variants/onnxruntime-fp32-cpu"
-    variant = Variant.load(vdir)
+    variant = Variant.load(local / "variants/onnxruntime-fp32-cpu")
+    vdir = local_variant_dir(variant, local)  # fetched from the run's artifacts, verified
     conf = info.flavors["chimera"]
     context = LoadContext(model_dir=local, signature=Signature.from_dict(conf["signature"]),
                           reference_sha256=conf["reference"]["sha256"])
