@@ -119,13 +119,12 @@ def compile_model(model_uri: str, backends=None, precisions=None, tolerances: di
                               reference_uri=conf["reference"].get("uri") or f"{model_uri}/{REFERENCE_PROGRAM}")
         program_path = context.reference_path()
         reference_module = load_program(program_path, context.reference_sha256).module()
-        variants, _ = build_variants(
+        new, _ = build_variants(
             model_dir=work, program_path=program_path, reference_sha256=context.reference_sha256,
             signature=signature, example=example, reference_fn=TorchRunner(reference_module, signature).run,
             backends=[name for name, _ in chosen], precisions=precisions, tolerances=tolerances,
-            benchmark=benchmark, build_timeout=build_timeout, progress=say,
+            benchmark=benchmark, build_timeout=build_timeout, progress=say, skip_ids=set(skipped),
         )
-        new = [v for v in variants if v.id not in skipped]
         run_id = _publish(client, logged_model, work, new, host, say)
     _refresh_facts(client, model_id, conf, new, run_id, host)
     return {

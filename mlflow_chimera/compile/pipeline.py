@@ -69,8 +69,10 @@ def build_variants(
     build_timeout: float | None = None,
     parallelism: int | None = None,
     progress=None,
+    skip_ids=(),
 ) -> tuple[list, dict]:
-    """Build, check and time every planned variant into ``model_dir/variants``.
+    """Build, check and time every planned variant (except ``skip_ids``) into
+    ``model_dir/variants``.
 
     ``reference_fn({name: ndarray}) -> [ndarray]`` gives the outputs every variant is checked
     against. Returns ``(variants, skipped_backends)``.
@@ -101,7 +103,7 @@ def build_variants(
             [BuildJob(plan=plan, backend=name, out_dir=str(variant_dir(model_dir, plan.id)),
                       tolerance=tolerance_for(plan.precision, tolerances),
                       criterion=criterion_for(plan.precision), **common)
-             for plan in backend.plan(precisions, host)]
+             for plan in backend.plan(precisions, host) if plan.id not in skip_ids]
             for name, backend in chosen
         ]
         variants = isolation.run_groups(
