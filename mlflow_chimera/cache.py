@@ -17,7 +17,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from mlflow_chimera.manifest import IntegrityError, sha256_file, verify_digests
+from mlflow_chimera.manifest import (
+    IntegrityError,
+    check_relative_path,
+    check_sha256,
+    sha256_file,
+    verify_digests,
+)
 
 
 def cache_root() -> Path:
@@ -32,9 +38,9 @@ def _download(artifact_uri: str, dst: str) -> Path:
 
 
 def fetch_dir(artifact_uri: str, key: str, files: dict, kind: str = "variants") -> Path:
-    """A verified local copy of the directory at ``artifact_uri`` holding ``files``
-    ({relative path: sha256}), cached under ``key``."""
-    target = cache_root() / kind / key
+    """A verified local copy of ``files`` ({relative path: sha256}) from the directory at
+    ``artifact_uri``, cached under ``key``. Only the listed files are fetched, one by one."""
+    target = cache_root() / kind / check_sha256(key, "cache key")
     if target.is_dir():
         try:
             verify_digests(target, files)
@@ -43,7 +49,12 @@ def fetch_dir(artifact_uri: str, key: str, files: dict, kind: str = "variants") 
             shutil.rmtree(target, ignore_errors=True)  # a damaged entry is fetched again
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
-        fetched = _download(artifact_uri, tmp)
+        fetched = Path(tmp, "files")
+        fetched.mkdir()
+        for rel in files:
+            folder = Path(fetched, check_relative_path(rel)).parent
+            folder.mkdir(parents=True, exist_ok=True)
+            _download(f"{artifact_uri.rstrip('/')}/{rel}", str(folder))
         verify_digests(fetched, files)
         try:
             os.rename(fetched, target)  # atomic: a concurrent loader sees all or nothing
@@ -55,7 +66,7 @@ def fetch_dir(artifact_uri: str, key: str, files: dict, kind: str = "variants") 
 
 def fetch_file(artifact_uri: str, sha256: str, name: str, kind: str = "reference") -> Path:
     """A verified local copy of the single file at ``artifact_uri``, cached by its sha256."""
-    target = cache_root() / kind / sha256 / name
+    target = cache_root() / kind / check_sha256(sha256) / check_relative_path(name)
     if target.is_file() and sha256_file(target) == sha256:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

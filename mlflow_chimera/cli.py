@@ -590,8 +590,10 @@ def _p50_of(entry: dict):
               help="Backend to build (repeatable; default: every backend this host can build).")
 @click.option("--precision", "precisions", multiple=True, metavar="P",
               help="Precision to build (repeatable, e.g. fp32, fp16, int8; default: the backend's).")
+@click.option("--signing-key", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="EC private key (PEM) to sign the published variants with (default: $CHIMERA_SIGNING_KEY).")
 @_json_option
-def compile_(model_uri, backends, precisions, as_json):
+def compile_(model_uri, backends, precisions, signing_key, as_json):
     """Build variants of MODEL_URI on this host, check parity, time them, and publish the ones
     that pass to the same model (progress on stderr)."""
     try:
@@ -602,7 +604,8 @@ def compile_(model_uri, backends, precisions, as_json):
         raise RuntimeError("compile is not available in this installation "
                            "(mlflow_chimera.publish is missing)") from exc
     result = compile_model(model_uri, backends=list(backends) or None,
-                           precisions=list(precisions) or None, progress=_progress)
+                           precisions=list(precisions) or None, progress=_progress,
+                           signing_key_path=signing_key)
     if as_json:
         _emit_json(result)
         return

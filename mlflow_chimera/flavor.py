@@ -42,6 +42,10 @@ import mlflow_chimera
 from mlflow_chimera import backends as backend_registry
 from mlflow_chimera import host as host_mod
 from mlflow_chimera import reference
+from mlflow_chimera.capture import capture, eval_mode
+from mlflow_chimera.catalog import PAYLOAD_ROOT
+from mlflow_chimera.errors import NothingUsableError
+from mlflow_chimera.signing import key_id, signing_key
 from mlflow_chimera.backends.torch_runner import TorchRunner
 from mlflow_chimera.compile.pipeline import build_variants, check_request
 from mlflow_chimera.manifest import (
@@ -59,13 +63,22 @@ FLAVOR_NAME = "chimera"
 DEFAULT_MODEL_CONFIG = {"variant": "auto", "backend": "auto", "precision": "auto"}
 
 
+def _default_model_config(precisions) -> dict:
+    """The pyfunc defaults saved with the model. Selection serves fp32 unless asked otherwise;
+    an author who built only lossy precisions has asked, so their model serves any precision."""
+    config = dict(DEFAULT_MODEL_CONFIG)
+    if precisions and "fp32" not in precisions:
+        config["precision"] = "any"
+    return config
+
+
 def get_default_pip_requirements(variants=()) -> list:
     """This package plus what the ready variants' runtimes need (torch only for torch-based
     variants)."""
     reqs = {f"mlflow-chimera=={mlflow_chimera.__version__}"}
     for v in variants:
         if v.status == READY:
-            reqs.update(backend_registry.get(v.backend).pip_requirements(v))
+            reqs.update(backend_registry.for_build(v.backend).pip_requirements(v))
     return sorted(reqs)
 
 
@@ -84,6 +97,8 @@ def save_model(
     benchmark: dict | None = None,
     build_timeout: float | None = None,
     build_parallelism: int | None = None,
+    dynamic_shapes: dict | None = None,
+    signing_key_path: str | None = None,
     _payload_run_id: str | None = None,
     **kwargs,
 ):
@@ -103,6 +118,15 @@ def save_model(
         build_timeout: seconds each variant's build (in its own process) may take before it is
             killed and recorded as failed (default 900).
         build_parallelism: concurrent builds (default: what the host has room for; 1 on 2 cores).
+        dynamic_shapes: dynamic axes besides the batch, per input, e.g.
+            ``{"input_ids": {1: "sequence"}, "attention_mask": {1: "sequence"}}``.
+        signing_key_path: an EC private key (PEM) to sign every ready variant with (OpenSSF
+            model-signing); default ``$CHIMERA_SIGNING_KEY``; unsigned when neither is set.
+
+    Raises:
+        CaptureError: the model cannot be captured, or its eager outputs cannot be served (NaN,
+            non-deterministic forward) — raised before anything is built.
+        NothingUsableError: no variant is ready; the message names each variant's cause.
     """
     if input_example is None:
         raise MlflowException(
@@ -116,23 +140,23 @@ def save_model(
     mlflow_model = mlflow_model or Model()
     started = time.perf_counter()
 
-    try:
-        program, sig, example = reference.capture(model, input_example)
-    except ValueError as exc:
-        raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from exc
-    Path(path, REFERENCE_DIR).mkdir(parents=True)
-    program_path = Path(path, REFERENCE_PROGRAM)
-    reference_sha256 = reference.save_program(program, program_path)
-    eager = TorchRunner(model, sig).run  # the original module: what every variant must match
-    np.savez(Path(path, CHECK_INPUTS), **example)
-    np.savez(Path(path, CHECK_OUTPUTS), **dict(zip(sig.output_names, eager(example))))
+    with eval_mode(model):  # the model is handed back exactly as it came, also on failure
+        captured = capture(model, input_example, dynamic_shapes)
+        sig, example = captured.signature, captured.example
+        Path(path, REFERENCE_DIR).mkdir(parents=True)
+        program_path = Path(path, REFERENCE_PROGRAM)
+        reference_sha256 = reference.save_program(captured.program, program_path)
+        eager = TorchRunner(captured.eager, sig).run  # the user's model: what every variant must match
+        np.savez(Path(path, CHECK_INPUTS), **example)
+        np.savez(Path(path, CHECK_OUTPUTS), **dict(zip(sig.output_names, captured.eager_outputs)))
 
-    variants, skipped = build_variants(
-        model_dir=Path(path), program_path=program_path, reference_sha256=reference_sha256,
-        signature=sig, example=example, reference_fn=eager, backends=backends,
-        precisions=precisions, tolerances=tolerances, benchmark=benchmark,
-        build_timeout=build_timeout, parallelism=build_parallelism,
-    )
+        variants, skipped = build_variants(
+            model_dir=Path(path), program_path=program_path, reference_sha256=reference_sha256,
+            signature=sig, example=example, reference_fn=eager, backends=backends,
+            precisions=precisions, tolerances=tolerances, benchmark=benchmark,
+            build_timeout=build_timeout, parallelism=build_parallelism,
+        )
+    _require_a_ready_variant(variants)
     import torch
 
     reference_size = program_path.stat().st_size
@@ -140,6 +164,10 @@ def save_model(
     if _payload_run_id:  # logging: payloads go to the run's artifacts (see cache.py)
         reference_uri = _externalize_payloads(Path(path), variants, _payload_run_id)
     host = host_mod.fingerprint()
+    checks = {"inputs": sha256_file(Path(path, CHECK_INPUTS)), "outputs": sha256_file(Path(path, CHECK_OUTPUTS))}
+    key = signing_key(signing_key_path)
+    if key is not None:
+        _sign_variants(Path(path), variants, key, reference_sha256, checks, sig)
     mlflow_model.add_flavor(
         FLAVOR_NAME,
         chimera_version=mlflow_chimera.__version__,
@@ -153,15 +181,19 @@ def save_model(
             "dynamic_batch": [1, reference.MAX_BATCH],
         },
         signature=sig.to_dict(),
+        checks=checks,
+        signed_by=key_id(key) if key is not None else None,
         build_host_class=host.host_class,
         build_seconds=round(time.perf_counter() - started, 3),
         variants={v.id: _summary(v, path) for v in variants},
         skipped_backends=skipped,
+        dropped_outputs=captured.dropped_outputs,
+        capture_switches=captured.constants,
     )
     mlflow.pyfunc.add_to_model(
         mlflow_model,
         loader_module="mlflow_chimera",
-        model_config=dict(DEFAULT_MODEL_CONFIG),
+        model_config=_default_model_config(precisions),
         conda_env=_CONDA_ENV_FILE_NAME,
         python_env=_PYTHON_ENV_FILE_NAME,
     )
@@ -172,10 +204,42 @@ def save_model(
     mlflow_model.save(os.path.join(path, MLMODEL_FILE_NAME))
     _write_environment(path, get_default_pip_requirements(variants),
                        pip_requirements, extra_pip_requirements)
+    if _payload_run_id and mlflow_model.model_id:
+        _anchor(path, mlflow_model.model_id)
     return mlflow_model
 
 
-PAYLOAD_ROOT = "chimera"
+def _sign_variants(model_dir: Path, variants: list, key: Path, reference_sha256: str, checks: dict, sig) -> None:
+    """Sign every ready variant's record together with the model it belongs to."""
+    from mlflow_chimera.trust import sign_variant
+
+    model_facts = {"reference": {"sha256": reference_sha256}, "checks": checks, "signature": sig.to_dict()}
+    for v in variants:
+        if v.status == READY:
+            sign_variant(variant_dir(model_dir, v.id), v.id, model_facts, key)
+
+
+def _anchor(path: str, model_id: str) -> None:
+    """Record the manifest's digest on the logged model in the tracking store — the anchor a
+    loader checks the artifact store against. Written before the version is registered."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from mlflow_chimera.trust import ANCHOR_TAG, manifest_digest
+
+    saved = yaml.safe_load(Path(path, MLMODEL_FILE_NAME).read_text(encoding="utf-8"))
+    flavors = saved["flavors"]
+    digest = manifest_digest(flavors[FLAVOR_NAME], flavors.get("python_function", {}).get("config"))
+    MlflowClient().set_logged_model_tags(model_id, {ANCHOR_TAG: digest})
+
+
+def _require_a_ready_variant(variants: list) -> None:
+    """A model with no variant that can be served is an error, never a success."""
+    if any(v.status == READY for v in variants):
+        return
+    lines = [f"  {v.id}: {v.status}: {v.reason or 'no reason recorded'}" for v in variants]
+    raise NothingUsableError("no variant of this model is ready to serve, so nothing was saved:\n"
+                             + ("\n".join(lines) or "  (no backend could build any variant here)"))
 
 
 def _externalize_payloads(model_dir: Path, variants: list, run_id: str) -> str:
@@ -274,6 +338,8 @@ def log_model(
     benchmark: dict | None = None,
     build_timeout: float | None = None,
     build_parallelism: int | None = None,
+    dynamic_shapes: dict | None = None,
+    signing_key_path: str | None = None,
     **kwargs,
 ):
     """Log a PyTorch model as a chimera model (see :func:`save_model` for the chimera options).
@@ -282,7 +348,8 @@ def log_model(
     metrics (``chimera.<measure>/<variant>``) on the run and the logged model, the key facts
     become tags and a description on the run, the logged model and, when registered, the model
     version, and a report is written to the logged model's ``report/`` (see ``tracking.py``).
-    Without an active run, one is started for the model and ended afterwards.
+    Without an active run, one is started for the model and ended afterwards — as FAILED when
+    ``log_model`` raises (then the logged model is FAILED and no version is registered).
     """
     from mlflow_chimera.tracking import record_variants
 
@@ -310,24 +377,37 @@ def log_model(
             benchmark=benchmark,
             build_timeout=build_timeout,
             build_parallelism=build_parallelism,
+            dynamic_shapes=dynamic_shapes,
+            signing_key_path=signing_key_path,
             _payload_run_id=run.info.run_id,
             run_id=run.info.run_id,
             model=model,
             **kwargs,
         )
         record_variants(info, run.info.run_id, registered_model_name)
-    finally:
+    except BaseException:
         if own_run:
-            mlflow.end_run()
+            mlflow.end_run(status="FAILED")
+        raise
+    if own_run:
+        mlflow.end_run()
     return info
 
 
-def load_model(model_uri: str, dst_path: str | None = None, model_config: dict | None = None):
+def load_model(model_uri: str, dst_path: str | None = None, model_config: dict | None = None,
+               trust: str | None = None, trusted_keys=None):
     """Load a chimera model as a :class:`mlflow_chimera.runtime.ChimeraModel` (the chosen
-    variant's runner, ``predict``, ``explain()``)."""
+    variant's runner, ``predict``, ``explain()``).
+
+    ``trust`` is ``"anchored"`` (default, or ``$CHIMERA_TRUST``), ``"signed"`` or ``"digests"``;
+    ``trusted_keys`` lists public keys (default ``$CHIMERA_TRUSTED_KEYS``). See ``trust.py``.
+    """
     from mlflow_chimera import runtime
+    from mlflow_chimera.trust import Policy, Source
 
     local_path = _download_artifact_from_uri(artifact_uri=model_uri, output_path=dst_path)
     conf = _get_flavor_configuration(model_path=local_path, flavor_name=FLAVOR_NAME)
-    return runtime.load(local_path, conf, model_config)
+    source = Source(None if os.path.isdir(model_uri) else model_uri)
+    return runtime.load(local_path, conf, model_config, source=source,
+                        policy=Policy.from_settings(trust, trusted_keys))
 

@@ -7,7 +7,8 @@ this host's class, so a serving host of a class nobody measured can rank by its 
 Results go to ``benchmarks/<host class>.json`` in the model's artifacts (the logged model's,
 for a tracking-store URI; the directory itself, for a local path). When the model is loaded,
 those figures join the ones recorded at log time, and selection ranks by the ones measured on
-the loading host's class.
+the loading host's class — for a logged model, only while the file matches the digest stored
+beside it in the tracking store (``chimera.benchmark_sha256.<host class>``).
 """
 
 from __future__ import annotations
@@ -24,32 +25,6 @@ BENCHMARKS_DIR = "benchmarks"
 
 def benchmark_file(model_dir, host_class: str) -> Path:
     return Path(model_dir, BENCHMARKS_DIR, f"{host_class}.json")
-
-
-def read_host_benchmarks(model_dir) -> dict:
-    """{host_class: {variant_id: latency_ms}} from every stored host benchmark."""
-    found = {}
-    for path in sorted(Path(model_dir, BENCHMARKS_DIR).glob("*.json")):
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-            found[record["host_class"]] = {vid: entry["latency_ms"] for vid, entry in record["variants"].items()}
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # a malformed file only loses its own figures
-    return found
-
-
-def merge_host_benchmarks(variants: list, model_dir) -> None:
-    """Add stored host benchmarks to the variants' records. Per batch size, a stored figure
-    replaces the one recorded earlier for the same host class; other batches are kept."""
-    from mlflow_chimera.manifest import Benchmark
-
-    for host_class, per_variant in read_host_benchmarks(model_dir).items():
-        for v in variants:
-            if v.id in per_variant:
-                earlier = v.benchmark_for(host_class)
-                latency = {**(earlier.latency_ms if earlier else {}), **per_variant[v.id]}
-                v.benchmarks = [b for b in v.benchmarks if b.host_class != host_class]
-                v.benchmarks.append(Benchmark(host_class, latency, tool="chimera.benchmark"))
 
 
 def benchmark(model_uri: str, batches=None, timing: dict | None = None, store: bool = True) -> dict:
@@ -83,10 +58,12 @@ def _benchmark_local(model_uri: str, local: str, batches, timing, store: bool) -
     from mlflow_chimera.manifest import CHECK_INPUTS
     from mlflow_chimera.selection import rank
 
+    from mlflow_chimera.trust import Source
+
     conf = _get_flavor_configuration(model_path=local, flavor_name="chimera")
-    variants, context = runtime.read_variants(local, conf)
+    variants, context = runtime.read_variants(local, conf, source=Source(None if os.path.isdir(model_uri) else model_uri))
     host = host_mod.fingerprint()
-    decision = rank(variants, host)
+    decision = rank(variants, host, {"precision": "any"})  # time every ready variant, lossy ones too
     with np.load(Path(local, CHECK_INPUTS), allow_pickle=False) as data:
         example = {k: data[k] for k in data.files}
     example_batch = next(iter(example.values())).shape[0]
@@ -123,8 +100,14 @@ def _store(result: dict, model_uri: str, local: str) -> None:
     model_id = yaml.safe_load(Path(local, "MLmodel").read_text()).get("model_id")
     if not model_id:
         raise ValueError(f"{model_uri} has no logged model id; benchmark a local copy instead")
+    from mlflow_chimera.manifest import sha256_file
+    from mlflow_chimera.trust import BENCHMARK_ANCHOR_PREFIX
+
     with tempfile.TemporaryDirectory() as tmp:
         path = benchmark_file(tmp, result["host_class"])
         path.parent.mkdir()
         path.write_text(json.dumps(result, indent=2), encoding="utf-8")
-        MlflowClient().log_model_artifact(model_id, str(path), artifact_path=BENCHMARKS_DIR)
+        client = MlflowClient()
+        client.log_model_artifact(model_id, str(path), artifact_path=BENCHMARKS_DIR)
+        # The digest in the tracking store is what lets these figures steer ranking (trust.py).
+        client.set_logged_model_tags(model_id, {BENCHMARK_ANCHOR_PREFIX + result["host_class"]: sha256_file(path)})

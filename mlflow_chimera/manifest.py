@@ -18,7 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+import posixpath
+import re
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 REFERENCE_DIR = "reference"
@@ -53,13 +55,57 @@ def digest_tree(root: str | os.PathLike, exclude: tuple[str, ...] = (VARIANT_FIL
 
 
 class IntegrityError(Exception):
-    """A file's digest does not match the one recorded for it."""
+    """A file's digest does not match the one recorded for it, or a record names a path or id
+    that is not allowed."""
+
+
+# Every name and path a record gives is checked before it is used: a record is data written by
+# whoever could write the artifact store or the tracking database (DESIGN §5).
+_VARIANT_ID = re.compile(r"[a-z0-9][a-z0-9_.+-]{0,127}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_PATH_PART = re.compile(r"[A-Za-z0-9_.+-]{1,255}")
+
+
+def check_variant_id(value) -> str:
+    """A variant id: lower-case letters, digits and ``_.+-``, no ``..``; never a path."""
+    if not isinstance(value, str) or not _VARIANT_ID.fullmatch(value) or ".." in value:
+        raise IntegrityError(f"invalid variant id {str(value)[:80]!r}: expected lower-case letters, digits "
+                             "and _.+- (no slashes, no '..')")
+    return value
+
+
+def check_sha256(value, what: str = "digest") -> str:
+    if not isinstance(value, str) or not _SHA256.fullmatch(value):
+        raise IntegrityError(f"invalid {what} {str(value)[:80]!r}: expected 64 lower-case hex digits")
+    return value
+
+
+def check_relative_path(value) -> str:
+    """A file path as records give it: relative, POSIX, normalised, every part a plain name."""
+    parts = value.split("/") if isinstance(value, str) else [""]
+    if (not isinstance(value, str) or posixpath.normpath(value) != value
+            or not all(_PATH_PART.fullmatch(p) and p not in (".", "..") for p in parts)):
+        raise IntegrityError(f"invalid file path {str(value)[:120]!r} in a record: expected a relative path "
+                             "of plain names inside the variant's directory")
+    return value
+
+
+def confined(root: str | os.PathLike, rel: str) -> Path:
+    """``root/rel`` after checking that ``rel`` is a plain relative path that resolves (links
+    followed) inside ``root``."""
+    path = Path(root, check_relative_path(rel))
+    real_root = Path(root).resolve()
+    if path.exists() and not path.resolve().is_relative_to(real_root):
+        raise IntegrityError(f"{rel!r} resolves outside {root}")
+    return path
 
 
 def verify_digests(root: str | os.PathLike, expected: dict) -> None:
-    """Raise :class:`IntegrityError` naming the first file that is missing or altered."""
+    """Raise :class:`IntegrityError` naming the first file that is missing or altered (or
+    whose path is not a plain path inside ``root``)."""
     for rel, digest in expected.items():
-        path = Path(root, rel)
+        check_sha256(digest, f"digest of {rel!r}")
+        path = confined(root, rel)
         if not path.is_file():
             raise IntegrityError(f"{path} is missing (expected sha256 {digest[:12]}…)")
         actual = sha256_file(path)
@@ -77,8 +123,13 @@ class TensorInfo:
     dtype: str  # numpy dtype name, e.g. "float32"
     shape: list
 
+    def accepts(self, shape) -> bool:
+        """Whether an array of ``shape`` fits: same rank, every fixed non-batch axis equal."""
+        return len(shape) == len(self.shape) and all(
+            want == -1 or got == want for got, want in zip(shape[1:], self.shape[1:]))
+
     def describe(self) -> str:
-        dims = ", ".join("batch" if d == -1 else str(d) for d in self.shape)
+        dims = ", ".join(("batch" if i == 0 else "any") if d == -1 else str(d) for i, d in enumerate(self.shape))
         return f"{self.name}: {self.dtype}[{dims}]"
 
 
@@ -156,11 +207,25 @@ class Variant:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Variant":
-        d = dict(d)
+        """A record from JSON. Fields this version does not know (written by a newer chimera)
+        are ignored; ids and file paths are checked (see :func:`check_variant_id`)."""
+        if not isinstance(d, dict):
+            raise IntegrityError(f"a variant record must be a JSON object, not {type(d).__name__}")
+        d = _known_fields(cls, d)
         if d.get("parity") is not None:
-            d["parity"] = Parity(**d["parity"])
-        d["benchmarks"] = [Benchmark(**b) for b in d.get("benchmarks", [])]
-        return cls(**d)
+            d["parity"] = Parity(**_known_fields(Parity, d["parity"]))
+        d["benchmarks"] = [Benchmark(**_known_fields(Benchmark, b)) for b in d.get("benchmarks") or []]
+        try:
+            variant = cls(**d)
+        except TypeError as exc:
+            raise IntegrityError(f"variant record is missing a field: {exc}") from exc
+        check_variant_id(variant.id)
+        if not isinstance(variant.files, dict):
+            raise IntegrityError(f"variant {variant.id}: 'files' must map paths to sha256 digests")
+        for rel, digest in variant.files.items():
+            check_relative_path(rel)
+            check_sha256(digest, f"digest of {rel!r}")
+        return variant
 
     def save(self, variant_dir: str | os.PathLike) -> str:
         """Write ``variant.json`` and return its sha256."""
@@ -176,5 +241,12 @@ class Variant:
         return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
 
 
+def _known_fields(cls, d: dict) -> dict:
+    if not isinstance(d, dict):
+        raise IntegrityError(f"expected a JSON object for {cls.__name__}, got {type(d).__name__}")
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
+
+
 def variant_dir(model_dir: str | os.PathLike, variant_id: str) -> Path:
-    return Path(model_dir, VARIANTS_DIR, variant_id)
+    return Path(model_dir, VARIANTS_DIR, check_variant_id(variant_id))

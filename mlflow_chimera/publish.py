@@ -24,39 +24,19 @@ import json
 import tempfile
 from pathlib import Path
 
-PUBLISHED_TAG_PREFIX = "chimera.variant."
-PAYLOAD_ROOT = "chimera"
-
-
-def published_entries(tags: dict) -> dict:
-    """{variant id: entry} from ``chimera.variant.<id>`` tags."""
-    entries = {}
-    for key, value in tags.items():
-        if key.startswith(PUBLISHED_TAG_PREFIX):
-            try:
-                entries[key[len(PUBLISHED_TAG_PREFIX):]] = json.loads(value)
-            except ValueError:
-                continue
-    return entries
+from mlflow_chimera.catalog import PAYLOAD_ROOT, PUBLISHED_TAG_PREFIX, published_entries
 
 
 def read_published_variants(model_id: str, known_ids=()) -> list:
-    """Variant records published for ``model_id`` by target hosts, each ``variant.json``
-    fetched and checked against the digest in its tag. Ids in ``known_ids`` are skipped."""
+    """Variant records published for ``model_id``, each ``variant.json`` checked against the
+    digest in its tag (for reports: loaders go through the catalog, which also checks trust).
+    Ids in ``known_ids`` and malformed tags are skipped."""
     from mlflow.tracking import MlflowClient
 
-    from mlflow_chimera.cache import fetch_file
-    from mlflow_chimera.manifest import VARIANT_FILE, Variant
+    from mlflow_chimera.catalog import _fetch_published
 
-    tags = MlflowClient().get_logged_model(model_id).tags
-    variants = []
-    for vid, entry in sorted(published_entries(tags).items()):
-        if vid in known_ids:
-            continue
-        path = fetch_file(f"{entry['uri']}/{VARIANT_FILE}", entry["variant_json_sha256"], VARIANT_FILE,
-                          kind="variant-records")
-        variants.append(Variant.load(path.parent))
-    return variants
+    entries, _ = published_entries(MlflowClient().get_logged_model(model_id).tags)
+    return [_fetch_published(vid, entry)[0] for vid, entry in sorted(entries.items()) if vid not in known_ids]
 
 
 def resolve_model(model_uri: str):
@@ -76,8 +56,12 @@ def resolve_model(model_uri: str):
 
 def compile_model(model_uri: str, backends=None, precisions=None, tolerances: dict | None = None,
                   benchmark: dict | None = None, build_timeout: float | None = None,
-                  force: bool = False, progress=None) -> dict:
+                  force: bool = False, progress=None, signing_key_path: str | None = None) -> dict:
     """Build, check, time and publish the variants this host can build for a logged model.
+
+    Each ready variant is signed with ``signing_key_path`` (default ``$CHIMERA_SIGNING_KEY``):
+    loaders count a published variant only when it is signed by a key they trust, or when its
+    publisher is on their allow-list (see ``trust.py``).
 
     Returns ``{"model_id", "run_id", "host_class", "published": [ids], "skipped": {id: why},
     "variants": {id: {"status", "reason", "p50_ms"}}}``.
@@ -92,6 +76,7 @@ def compile_model(model_uri: str, backends=None, precisions=None, tolerances: di
     from mlflow_chimera.compile.pipeline import build_variants, check_request, resolve_backends
     from mlflow_chimera.manifest import CHECK_INPUTS, REFERENCE_PROGRAM
     from mlflow_chimera.reference import Signature, load_program
+    from mlflow_chimera.signing import signing_key
 
     check_request(backends, precisions)
     say = progress or (lambda message: None)
@@ -99,7 +84,7 @@ def compile_model(model_uri: str, backends=None, precisions=None, tolerances: di
     conf = model.flavors["chimera"]
     client = MlflowClient()
     logged_model = client.get_logged_model(model_id)
-    existing = set(conf["variants"]) | set(published_entries(logged_model.tags))
+    existing = set(conf["variants"]) | set(published_entries(logged_model.tags)[0])
     host = host_mod.fingerprint()
     chosen, _ = resolve_backends(backends)
     wanted = [plan.id for _, backend in chosen for plan in backend.plan(list(precisions or ("fp32", "int8")), host)]
@@ -125,7 +110,7 @@ def compile_model(model_uri: str, backends=None, precisions=None, tolerances: di
             backends=[name for name, _ in chosen], precisions=precisions, tolerances=tolerances,
             benchmark=benchmark, build_timeout=build_timeout, progress=say, skip_ids=set(skipped),
         )
-        run_id = _publish(client, logged_model, work, new, host, say)
+        run_id = _publish(client, logged_model, work, new, host, say, conf, signing_key(signing_key_path))
     _refresh_facts(client, model_id, conf, new, run_id, host)
     return {
         "model_id": model_id,
@@ -140,10 +125,14 @@ def compile_model(model_uri: str, backends=None, precisions=None, tolerances: di
     }
 
 
-def _publish(client, logged_model, work: Path, variants: list, host, say) -> str:
-    """Upload each variant to a new run's artifacts and announce it with a tag on the logged
-    model and its model versions. Returns the run id."""
-    from mlflow_chimera.manifest import variant_dir
+def _publish(client, logged_model, work: Path, variants: list, host, say, conf: dict, key) -> str:
+    """Upload each variant (signed when a signing key is configured) to a new run's artifacts
+    and announce it with a tag on the logged model and its model versions. Returns the run id."""
+    from mlflow_chimera.manifest import READY, variant_dir
+    from mlflow_chimera.signing import key_id
+    from mlflow_chimera.trust import sign_variant
+
+    model_facts = {"reference": conf["reference"], "checks": conf.get("checks", {}), "signature": conf["signature"]}
 
     run = client.create_run(logged_model.experiment_id, run_name=f"chimera compile {host.host_class}",
                             tags={"chimera.compiled_for_model": logged_model.model_id,
@@ -157,10 +146,13 @@ def _publish(client, logged_model, work: Path, variants: list, host, say) -> str
             v.location = f"runs:/{run_id}/{artifact_path}"
             digest = v.save(vdir)
             say(f"publishing {v.id} ({v.status})")
+            if key is not None and v.status == READY:
+                sign_variant(vdir, v.id, model_facts, key)
             client.log_artifacts(run_id, str(vdir), artifact_path=artifact_path)
             tags[f"{PUBLISHED_TAG_PREFIX}{v.id}"] = json.dumps({
                 "uri": v.location, "variant_json_sha256": digest, "status": v.status,
                 "host_class": host.host_class, "backend": v.backend, "precision": v.precision,
+                "publisher": run.info.user_id, "signed_by": key_id(key) if key is not None else None,
             }, sort_keys=True)
         # Files first, then the announcements: a loader never sees a tag whose files are missing.
         client.set_logged_model_tags(logged_model.model_id, tags)

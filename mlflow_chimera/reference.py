@@ -8,12 +8,12 @@ and then validates every pickled entry with torch's ``weights_only`` unpickler.
 
 from __future__ import annotations
 
-import inspect
 import io
 import json
 import posixpath
+import re
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -26,12 +26,16 @@ MAX_BATCH = 65536
 @dataclass
 class Signature:
     """How the model is called: its inputs in order (the first ``n_positional`` go by position)
-    and its outputs, flattened in pytree order (``structure`` says how to rebuild them)."""
+    and its outputs, flattened (``structure`` is "tensor" when the model returned one tensor,
+    served as an array; anything else is served as a dict of named arrays).
+    ``dynamic_axes`` names the dynamic axes besides the batch: ``{input: {"1": "sequence"}}``."""
 
     inputs: list  # [TensorInfo]
     outputs: list  # [TensorInfo]
     n_positional: int
     structure: str  # "tensor" | "tuple" | "list" | "dict"
+    dynamic_axes: dict = field(default_factory=dict)
+    axis_ranges: dict = field(default_factory=dict)  # {label: [min, max]} the program accepts
 
     def to_dict(self) -> dict:
         return {
@@ -39,15 +43,22 @@ class Signature:
             "outputs": [vars(t) for t in self.outputs],
             "n_positional": self.n_positional,
             "structure": self.structure,
+            "dynamic_axes": self.dynamic_axes,
+            "axis_ranges": self.axis_ranges,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> "Signature":
+        def tensor(t):
+            return TensorInfo(name=str(t["name"]), dtype=str(t["dtype"]), shape=[int(x) for x in t["shape"]])
+
         return cls(
-            inputs=[TensorInfo(**t) for t in d["inputs"]],
-            outputs=[TensorInfo(**t) for t in d["outputs"]],
-            n_positional=d["n_positional"],
-            structure=d["structure"],
+            inputs=[tensor(t) for t in d["inputs"]],
+            outputs=[tensor(t) for t in d["outputs"]],
+            n_positional=int(d["n_positional"]),
+            structure=str(d["structure"]),
+            dynamic_axes=dict(d.get("dynamic_axes") or {}),
+            axis_ranges={str(k): [int(v[0]), int(v[1])] for k, v in (d.get("axis_ranges") or {}).items()},
         )
 
     @property
@@ -72,88 +83,42 @@ def _to_numpy(value) -> np.ndarray:
     return np.asarray(value)
 
 
-def normalize_example(model, input_example) -> tuple[dict, int]:
-    """Name the example's tensors after ``model.forward``'s parameters.
+def _is_tensor(value) -> bool:
+    """A torch tensor (also a fake one while exporting), without importing torch."""
+    return hasattr(value, "detach") and hasattr(value, "dtype") and hasattr(value, "shape")
 
-    Accepts one array/tensor, a tuple or list of them (positional), or a dict (named).
-    Returns ``({name: ndarray}, n_positional)`` in the order the model takes them.
+
+def flatten_named(outputs, prefix: str = "") -> tuple[list, list]:
+    """``([(name, tensor)], [dropped])`` for whatever a model returns.
+
+    Names follow the structure: a bare tensor is ``output``; dict keys (also ``transformers``'
+    ``ModelOutput`` fields) keep their name; tuple/list items are ``output_<i>`` at the top and
+    ``<parent>.<i>`` below; nested dict keys are ``<parent>.<key>``. Anything that is not a
+    tensor (``None``, key/value caches, numbers) is left out and named in ``dropped``.
     """
-    params = [
-        p for p in inspect.signature(model.forward).parameters.values()
-        if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-    ]
-    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if isinstance(input_example, dict):
-        unknown = set(input_example) - {p.name for p in params}
-        if unknown:
-            raise ValueError(
-                f"input_example has keys {sorted(unknown)} that {type(model).__name__}.forward "
-                f"does not take; its parameters are {[p.name for p in params]}"
-            )
-        named = {p.name: _to_numpy(input_example[p.name]) for p in params if p.name in input_example}
+    if _is_tensor(outputs):
+        return [(prefix or "output", outputs)], []
+    if isinstance(outputs, dict):
+        items = [(f"{prefix}.{k}" if prefix else str(k), v) for k, v in outputs.items()]
+    elif isinstance(outputs, (tuple, list)):
+        items = [(f"{prefix}.{i}" if prefix else f"output_{i}", v) for i, v in enumerate(outputs)]
     else:
-        values = list(input_example) if isinstance(input_example, (tuple, list)) else [input_example]
-        if len(values) > len(positional):
-            raise ValueError(
-                f"input_example has {len(values)} tensors but {type(model).__name__}.forward "
-                f"takes {len(positional)} positional inputs ({positional})"
-            )
-        named = {name: _to_numpy(v) for name, v in zip(positional, values)}
-    # Inputs go by position up to the first parameter the example leaves out.
-    n_positional = 0
-    for name in positional:
-        if name not in named:
-            break
-        n_positional += 1
-    for name, arr in named.items():
-        if arr.ndim == 0:
-            raise ValueError(f"input {name!r} is a scalar; chimera needs a batch dimension first")
-    batches = {arr.shape[0] for arr in named.values()}
-    if len(batches) != 1:
-        raise ValueError(f"inputs disagree on the batch size: {({n: a.shape for n, a in named.items()})}")
-    return named, n_positional
+        return [], ([f"{prefix or 'output'} ({type(outputs).__name__})"] if outputs is not None else [])
+    found, dropped = [], []
+    for name, value in items:
+        sub_found, sub_dropped = flatten_named(value, name)
+        found += sub_found
+        dropped += sub_dropped
+    return found, dropped
 
 
 def flatten_outputs(outputs) -> tuple[list, list, str]:
-    """(arrays, names, structure) for a model's output: a tensor, a tuple/list, or a dict."""
-    if isinstance(outputs, dict):
-        return [_to_numpy(v) for v in outputs.values()], [str(k) for k in outputs], "dict"
-    if isinstance(outputs, (tuple, list)):
-        kind = "tuple" if isinstance(outputs, tuple) else "list"
-        return [_to_numpy(v) for v in outputs], [f"output_{i}" for i in range(len(outputs))], kind
-    return [_to_numpy(outputs)], ["output"], "tensor"
-
-
-def capture(model, input_example) -> tuple[object, Signature, dict]:
-    """Export ``model`` with a dynamic batch dimension.
-
-    Returns ``(exported_program, signature, example)``, where ``example`` is the named example
-    as numpy arrays. An example of batch 1 is tiled to batch 2 for the export only, because
-    torch.export specialises a size-1 dimension to the constant 1.
-    """
-    import torch
-
-    model.eval()
-    named, n_positional = normalize_example(model, input_example)
-    export_named = {n: np.concatenate([a, a]) if a.shape[0] == 1 else a for n, a in named.items()}
-    tensors = {n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in export_named.items()}
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    names = list(named)
-    args = tuple(tensors[n] for n in names[:n_positional])
-    kwargs = {n: tensors[n] for n in names[n_positional:]}
-    dynamic = {n: {0: batch} for n in names}
-    with torch.no_grad():
-        program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic)
-        eager_out = model(*[torch.from_numpy(named[n]) for n in names[:n_positional]],
-                          **{n: torch.from_numpy(named[n]) for n in names[n_positional:]})
-    arrays, out_names, structure = flatten_outputs(eager_out)
-    signature = Signature(
-        inputs=[TensorInfo(n, str(a.dtype), [-1, *a.shape[1:]]) for n, a in named.items()],
-        outputs=[TensorInfo(n, str(a.dtype), [-1, *a.shape[1:]]) for n, a in zip(out_names, arrays)],
-        n_positional=n_positional,
-        structure=structure,
-    )
-    return program, signature, named
+    """(arrays, names, structure) for a model's output (see :func:`flatten_named`)."""
+    named, _ = flatten_named(outputs)
+    structure = "tensor" if _is_tensor(outputs) else (
+        "dict" if isinstance(outputs, dict) else type(outputs).__name__ if isinstance(outputs, (tuple, list))
+        else "other")
+    return [_to_numpy(t) for _, t in named], [n for n, _ in named], structure
 
 
 def save_program(program, path) -> str:
@@ -163,38 +128,76 @@ def save_program(program, path) -> str:
     return sha256_file(path)
 
 
-# Archive entries that are never unpickled: JSON, markers, and an AOTInductor package's
-# generated code and shared libraries (native code, guarded by the variant's sha256 instead).
-_PLAIN_SUFFIXES = (".json", "archive_format", "archive_version", "byteorder", "/.data/version",
-                   "serialization_id", ".cpp", ".h", ".so", ".o", ".cubin", ".ptx", ".hsaco")
+# Marker entries torch reads as text ("pt2", "0", "little", an id). A pickle that does
+# anything needs a newline, a quote, a parenthesis or a binary opcode, none of which match.
+_MARKER = re.compile(rb"[A-Za-z0-9_.\-]{0,64}\s?")
 _WEIGHT_CONFIGS = ("model_weights_config.json", "model_constants_config.json")
 
 
-def validate_archive(path) -> None:
-    """Refuse a pt2 archive with any pickled entry torch's ``weights_only`` loader rejects.
+def _raw_tensor_entries(archive: zipfile.ZipFile, names: list) -> set:
+    """Entries the archive's weight configs say hold raw tensor bytes, and that no config
+    tells torch to unpickle."""
+    raw, pickled = set(), set()
+    for name in names:
+        if posixpath.basename(name) not in _WEIGHT_CONFIGS:
+            continue
+        try:
+            config = json.loads(archive.read(name)).get("config", {})
+            entries = [(posixpath.join(posixpath.dirname(name), e["path_name"]), bool(e.get("use_pickle", False)))
+                       for e in config.values()]
+        except (ValueError, AttributeError, KeyError, TypeError) as exc:
+            raise IntegrityError(f"archive entry {name!r} is not a valid weights config ({exc})") from exc
+        for path, use_pickle in entries:
+            (pickled if use_pickle else raw).add(path)
+    return raw - pickled
 
-    Raw-bytes tensors (``use_pickle: false`` in the archive's weight configs) and JSON are data;
-    every other entry must load with ``torch.load(weights_only=True)``.
+
+def _is_json_document(data: bytes) -> bool:
+    """A JSON object or array. Its first byte (``{`` or ``[``) is no pickle opcode, so no
+    unpickler can run it whatever the entry is called."""
+    if data[:1] not in (b"{", b"["):
+        return False
+    try:
+        json.loads(data)
+    except ValueError:
+        return False
+    return True
+
+
+# Generated code and shared libraries inside an AOTInductor package: native code, which only a
+# trusted variant may bring (see trust.py); never unpickled.
+NATIVE_SUFFIXES = (".so", ".cpp", ".h", ".o", ".cubin", ".ptx", ".hsaco", ".fatbin")
+
+
+def validate_archive(path, what: str = "reference archive", native_code: bool = False) -> None:
+    """Refuse a pt2 archive with any entry that could run code when unpickled.
+
+    Every entry is checked, whatever its name: raw tensor bytes (``use_pickle: false`` in the
+    archive's weight configs), JSON documents and short text markers are data; every other
+    entry must load with torch's ``weights_only`` unpickler, or the archive is refused.
+    ``native_code=True`` (AOTInductor packages) also lets through generated code and shared
+    libraries, by suffix: those are loaded as native code, never unpickled.
     """
     import torch
 
-    with zipfile.ZipFile(path) as archive:
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as exc:
+        raise IntegrityError(f"{what} {path} is not a zip archive ({exc})") from exc
+    with archive:
         names = [i.filename for i in archive.infolist() if not i.is_dir()]
-        raw = set()
+        raw = _raw_tensor_entries(archive, names)
         for name in names:
-            if posixpath.basename(name) in _WEIGHT_CONFIGS:
-                config = json.loads(archive.read(name)).get("config", {})
-                folder = posixpath.dirname(name)
-                raw |= {posixpath.join(folder, e["path_name"]) for e in config.values()
-                        if not e.get("use_pickle", False)}
-        for name in names:
-            if name in raw or name.endswith(_PLAIN_SUFFIXES):
+            if name in raw or (native_code and name.endswith(NATIVE_SUFFIXES)):
+                continue
+            data = archive.read(name)
+            if _MARKER.fullmatch(data) or _is_json_document(data):
                 continue
             try:
-                torch.load(io.BytesIO(archive.read(name)), weights_only=True)
+                torch.load(io.BytesIO(data), weights_only=True)
             except Exception as exc:
                 raise IntegrityError(
-                    f"reference archive entry {name!r} is not loadable with weights_only=True "
+                    f"{what} entry {name!r} is neither data nor loadable with weights_only=True "
                     f"({type(exc).__name__}); refusing to unpickle it"
                 ) from exc
 

@@ -11,7 +11,9 @@ import numpy as np
 from mlflow_chimera import backends as backend_registry
 from mlflow_chimera import host as host_mod
 from mlflow_chimera.backends.base import LoadContext
-from mlflow_chimera.compile.parity import compare_outputs
+from mlflow_chimera import trust as trust_mod
+from mlflow_chimera.catalog import read_catalog, verify_checks
+from mlflow_chimera.compile.parity import compare_outputs, tolerance_for
 from mlflow_chimera.manifest import (
     CHECK_INPUTS,
     CHECK_OUTPUTS,
@@ -46,6 +48,7 @@ class ChimeraModel:
         self._single = len(signature.inputs) == 1
         self._output_names = signature.output_names
         self._structure = signature.structure
+        self._signature = signature
 
     def explain(self) -> str:
         """Which variant runs here, the ranking, and why every other variant was not chosen."""
@@ -73,7 +76,7 @@ class ChimeraModel:
     def _named_inputs(self, data) -> dict:
         spec = self._inputs[0]
         if self._single and type(data) is np.ndarray and data.dtype.name == spec.dtype \
-                and data.ndim == len(spec.shape) and list(data.shape[1:]) == spec.shape[1:] \
+                and spec.accepts(data.shape) and not self._signature.dynamic_axes \
                 and data.flags.c_contiguous and 0 < data.shape[0] <= MAX_BATCH:
             return {spec.name: data}  # fast path: already exactly what the runner takes
         named = self._as_dict(data)
@@ -87,6 +90,17 @@ class ChimeraModel:
         batches = {n: a.shape[0] for n, a in checked.items()}
         if len(set(batches.values())) > 1:
             raise InputError(f"inputs have different batch sizes {batches}; they must agree")
+        sizes = {}
+        for name, axes in self._signature.dynamic_axes.items():
+            for axis, label in axes.items():
+                sizes.setdefault(label, {})[f"{name}[{axis}]"] = checked[name].shape[int(axis)]
+        for label, seen in sizes.items():
+            if len(set(seen.values())) > 1:
+                raise InputError(f"dynamic axis {label!r} has different sizes {seen}; they must agree")
+            low, high = self._signature.axis_ranges.get(label, (1, MAX_BATCH))
+            size = next(iter(seen.values()))
+            if not low <= size <= high:
+                raise InputError(f"dynamic axis {label!r} has size {size}; the model takes {low} to {high}")
         return checked
 
     def _as_dict(self, data) -> dict:
@@ -110,13 +124,22 @@ class ChimeraModel:
         names = [t.name for t in self._inputs]
         if all(n in df.columns for n in names):
             # One column per input, each cell a (nested) list or array: one row per example.
-            return {t.name: np.stack([np.asarray(v) for v in df[t.name]]).reshape(len(df), *t.shape[1:])
-                    if len(df) else np.empty((0, *t.shape[1:])) for t in self._inputs}
+            return {t.name: _rows(t, [np.asarray(v) for v in df[t.name]]) for t in self._inputs}
         if self._single:
             spec = self._inputs[0]
-            return {spec.name: df.to_numpy().reshape(len(df), *spec.shape[1:])}
+            return {spec.name: _rows(spec, list(df.to_numpy()))}
         raise InputError(f"DataFrame columns {list(df.columns)} do not name the model's inputs "
                          f"({self._expected()})")
+
+
+def _rows(spec, rows: list) -> np.ndarray:
+    """One array from a DataFrame column's cells (one example per row)."""
+    if not rows:
+        return np.empty((0, *[max(d, 0) for d in spec.shape[1:]]))
+    stacked = np.stack(rows)
+    if -1 in spec.shape[1:]:
+        return stacked
+    return stacked.reshape(len(rows), *spec.shape[1:])
 
 
 def _check_tensor(spec, value) -> np.ndarray:
@@ -129,7 +152,7 @@ def _check_tensor(spec, value) -> np.ndarray:
         if arr.dtype.kind in "OUS" or not np.can_cast(arr.dtype, expected_dtype, casting="same_kind"):
             raise InputError(f"input {spec.name!r} has dtype {arr.dtype}, expected {spec.describe()}")
         arr = arr.astype(expected_dtype)
-    if arr.ndim != len(spec.shape) or list(arr.shape[1:]) != list(spec.shape[1:]):
+    if not spec.accepts(arr.shape):
         raise InputError(f"input {spec.name!r} has shape {list(arr.shape)}, expected {spec.describe()}")
     if arr.shape[0] == 0:
         raise InputError(f"input {spec.name!r} is empty (batch 0); expected {spec.describe()}")
@@ -141,57 +164,52 @@ def _check_tensor(spec, value) -> np.ndarray:
 # -- loading with fallback --------------------------------------------------------------------
 
 
-def read_variants(model_dir, flavor_conf: dict) -> tuple[list, LoadContext]:
-    """Every variant record (each ``variant.json`` checked against its digest in MLmodel), with
-    benchmarks stored later for other host classes merged in; and the context to load them."""
-    from mlflow_chimera.host_benchmark import merge_host_benchmarks
-
-    model_dir = Path(model_dir)
-    variants = [Variant.load(variant_dir(model_dir, vid), expected_sha256=entry["variant_json_sha256"])
-                for vid, entry in flavor_conf["variants"].items()]
-    variants += _published_variants(model_dir, {v.id for v in variants})
-    merge_host_benchmarks(variants, model_dir)
-    context = LoadContext(model_dir=model_dir, signature=Signature.from_dict(flavor_conf["signature"]),
-                          reference_sha256=flavor_conf["reference"]["sha256"],
-                          reference_uri=flavor_conf["reference"].get("uri"))
-    return variants, context
+def read_variants(model_dir, flavor_conf: dict, source=None, include_published: bool = True) -> tuple[list, LoadContext]:
+    """Every variant record that counts (see :mod:`mlflow_chimera.catalog`) and the context to
+    load them — for listing and benchmarking; loading goes through :func:`load`."""
+    catalog = read_catalog(model_dir, flavor_conf, source=source, include_published=include_published)
+    return catalog.variants, catalog.context
 
 
-def _published_variants(model_dir: Path, known_ids: set) -> list:
-    """Variants target hosts published for this logged model (tags in the tracking store).
-    Without a reachable tracking store the model still loads with its own variants."""
-    import yaml
-
-    model_id = yaml.safe_load(Path(model_dir, "MLmodel").read_text()).get("model_id")
-    if not model_id:
-        return []
-    from mlflow_chimera.publish import read_published_variants
-
-    try:
-        return read_published_variants(model_id, known_ids)
-    except Exception as exc:  # noqa: BLE001 - published variants are an addition, never a must
-        _logger.warning("chimera: published variants of %s not read: %s: %s", model_id, type(exc).__name__, exc)
-        return []
-
-
-def load(model_dir, flavor_conf: dict, model_config: dict | None = None) -> ChimeraModel:
+def load(model_dir, flavor_conf: dict, model_config: dict | None = None, source=None,
+         policy: trust_mod.Policy | None = None) -> ChimeraModel:
     """Rank the model's variants for this host and load the first that verifies and loads."""
-    variants, context = read_variants(model_dir, flavor_conf)
-    model_dir, signature = context.model_dir, context.signature
-    decision = rank(variants, host_mod.fingerprint(), model_config)
+    policy = policy or trust_mod.Policy.from_settings()
+    source = source or trust_mod.requested_source()
+    catalog = read_catalog(model_dir, flavor_conf, policy=policy, source=source)
+    verify_checks(Path(model_dir), flavor_conf)
+    variants, context = catalog.variants, catalog.context
+    decision = rank(variants, host_mod.fingerprint(), model_config, refused=catalog.refused,
+                    trust=catalog.trust.how)
     for candidate in decision.candidates:
         variant = candidate.variant
         try:
-            runner = load_verified(variant, model_dir, context, check=not decision.forced)
-        except Exception as exc:  # noqa: BLE001 - any failure means: try the next candidate
+            runner = load_verified(variant, context.model_dir, context, check=not decision.forced)
+        except LOAD_FAILURES as exc:  # the next candidate may load; a bug elsewhere still raises
             error = f"{type(exc).__name__}: {exc}"
             _logger.warning("chimera: skipping variant %s: %s", variant.id, error)
             decision.attempts.append((variant.id, error))
             continue
         decision.chosen = variant
-        _logger.info("chimera: loaded variant %s", variant.id)
-        return ChimeraModel(variant, runner, signature, decision, variants)
-    raise RuntimeError("no variant of this model can run on this host.\n" + decision.explain())
+        _logger.info("chimera: loaded variant %s (%s)", variant.id, catalog.how_trusted.get(variant.id, ""))
+        return ChimeraModel(variant, runner, context.signature, decision, variants)
+    raise NoVariantError("no variant of this model can run on this host.\n" + decision.explain())
+
+
+class NoVariantError(RuntimeError):
+    """No variant of the model could be loaded here; the message is the full explanation."""
+
+
+# What a failed candidate may raise: integrity and trust refusals, a store or disk that fails,
+# a runtime that refuses the file. Anything else is a bug and is not hidden behind a fallback.
+LOAD_FAILURES = (IntegrityError, trust_mod.TrustError, OSError, RuntimeError, ValueError, ImportError,
+                 MemoryError, backend_registry.UnknownBackendError)
+try:  # MLflow's download errors
+    from mlflow.exceptions import MlflowException
+
+    LOAD_FAILURES += (MlflowException,)
+except ImportError:  # pragma: no cover
+    pass
 
 
 def local_variant_dir(variant: Variant, model_dir: Path) -> Path:
@@ -206,8 +224,10 @@ def local_variant_dir(variant: Variant, model_dir: Path) -> Path:
     return vdir
 
 
-def load_verified(variant: Variant, model_dir: Path, context: LoadContext, check: bool):
-    """Verify every file's digest, load, and check the outputs on the recorded example."""
+def load_verified(variant: Variant, model_dir: Path, context: LoadContext, check: bool,
+                  tolerances: dict | None = None):
+    """Verify every file's digest, load, and check the outputs on the recorded example with
+    the loading side's tolerance for the variant's precision (never the record's own)."""
     vdir = local_variant_dir(variant, model_dir)
     runner = backend_registry.get(variant.backend).load(variant, vdir, context)
     if check and variant.parity is not None:
@@ -215,11 +235,11 @@ def load_verified(variant: Variant, model_dir: Path, context: LoadContext, check
         recorded = _load_npz(model_dir / CHECK_OUTPUTS)
         expected = [recorded[name] for name in context.signature.output_names]
         results = compare_outputs(expected, runner.run(inputs), context.signature.output_names,
-                                  variant.parity.tolerance)
+                                  tolerance_for(variant.precision, tolerances))
         failed = [r for r in results if not r["passed"]]
         if failed:
-            raise IntegrityError(f"outputs on the recorded example differ from the reference: "
-                                 f"{failed[0]['name']}: {failed[0].get('reason')}")
+            raise IntegrityError(f"outputs on the recorded example differ from the reference beyond the "
+                                 f"{variant.precision} tolerance: {failed[0]['name']}: {failed[0].get('reason')}")
     return runner
 
 

@@ -6,7 +6,10 @@ Rules, in order:
    (``model_config={"variant": id}``).
 2. A variant whose backend says it cannot run on this host (missing runtime, older runtime than
    it was built with, wrong device or instruction set, …) is rejected with that reason.
-3. ``model_config={"backend": …}`` / ``{"precision": …}`` keep only matching variants.
+3. Accuracy: by default only fp32 variants are candidates — a lossy variant (bf16, fp16,
+   int8) changes what the model returns, so it is served only when the caller opts in with
+   ``model_config={"precision": "int8"}`` (one precision), ``"fp32,bf16"`` (several) or
+   ``"any"``. ``{"backend": …}`` keeps only that backend's variants.
 4. Candidates with a benchmark measured on *this host class* come first, fastest p50 at batch 1
    first. Timings from other host classes are never compared.
 5. Candidates without such a measurement follow in the default order: backends in
@@ -44,11 +47,14 @@ class Decision:
     candidates: list
     rejected: dict  # variant id -> reason
     forced: str | None = None
+    trust: str = ""  # how the model's records are trusted, in words
     attempts: list = field(default_factory=list)  # [(variant id, error)] that failed to load
     chosen: Variant | None = None
 
     def explain(self) -> str:
         lines = [f"host class: {self.host_class}"]
+        if self.trust:
+            lines.append(f"trust: {self.trust}")
         if self.chosen is not None:
             how = "forced by model_config" if self.forced else "fastest valid variant here"
             basis = next((c.basis for c in self.candidates if c.variant.id == self.chosen.id), "")
@@ -69,12 +75,34 @@ def _wanted(value) -> str | None:
     return None if value in (None, "", AUTO) else str(value)
 
 
-def rank(variants: list, host, config: dict | None = None) -> Decision:
-    """Filter and order ``variants`` for ``host`` (see the module docstring for the rules)."""
+DEFAULT_PRECISIONS = ("fp32",)
+
+
+def accepted_precisions(value) -> tuple | None:
+    """The precisions a caller accepts: ``None`` for any; fp32 only when nothing is said."""
+    wanted = _wanted(value)
+    if wanted is None:
+        return DEFAULT_PRECISIONS
+    if wanted == "any":
+        return None
+    names = tuple(p.strip() for p in wanted.replace(";", ",").split(",") if p.strip())
+    unknown = [p for p in names if p not in _PRECISION_ORDER]
+    if unknown:
+        raise ValueError(f"model_config precision {unknown} is not a precision; expected one or more of "
+                         f"{', '.join(_PRECISION_ORDER)} (comma-separated), or 'any'")
+    return names
+
+
+def rank(variants: list, host, config: dict | None = None, refused: dict | None = None,
+         trust: str = "") -> Decision:
+    """Filter and order ``variants`` for ``host`` (see the module docstring for the rules).
+    ``refused`` are variants already out (bad records, untrusted), with their reasons."""
     config = config or {}
     forced = _wanted(config.get("variant"))
     want_backend = _wanted(config.get("backend"))
-    want_precision = _wanted(config.get("precision"))
+    want_precision = accepted_precisions(config.get("precision"))
+    if forced and forced in (refused or {}):
+        raise ValueError(f"model_config variant {forced!r} cannot be loaded: {refused[forced]}")
     if forced and forced not in {v.id for v in variants}:
         raise ValueError(
             f"model_config variant {forced!r} is not in this model; its variants are "
@@ -85,7 +113,7 @@ def rank(variants: list, host, config: dict | None = None) -> Decision:
             f"model_config backend {want_backend!r} has no variant in this model; its backends "
             f"are {sorted({v.backend for v in variants})}"
         )
-    rejected, measured, unmeasured = {}, [], []
+    rejected, measured, unmeasured = dict(refused or {}), [], []
     for v in variants:
         reason = _rejection(v, host, forced, want_backend, want_precision)
         if reason:
@@ -103,7 +131,8 @@ def rank(variants: list, host, config: dict | None = None) -> Decision:
         Candidate(v, f"not measured on this host class; default order #{i}")
         for i, v in enumerate(unmeasured, 1)
     ]
-    return Decision(host_class=host.host_class, candidates=candidates, rejected=rejected, forced=forced)
+    return Decision(host_class=host.host_class, candidates=candidates, rejected=rejected, forced=forced,
+                    trust=trust)
 
 
 def _rejection(v: Variant, host, forced, want_backend, want_precision) -> str | None:
@@ -115,11 +144,14 @@ def _rejection(v: Variant, host, forced, want_backend, want_precision) -> str | 
         return f"failed parity: {v.reason}"
     if want_backend and v.backend != want_backend:
         return f"model_config asks for backend {want_backend!r}"
-    if want_precision and v.precision != want_precision:
-        return f"model_config asks for precision {want_precision!r}"
+    if want_precision is not None and v.precision not in want_precision and not forced:
+        if want_precision == DEFAULT_PRECISIONS:
+            return (f"{v.precision} is lossy; served only on request "
+                    f"(model_config={{'precision': '{v.precision}'}} or 'any')")
+        return f"model_config asks for precision {','.join(want_precision)!r}"
     try:
         backend = backend_registry.get(v.backend)
-    except ValueError as exc:
+    except backend_registry.UnknownBackendError as exc:
         return str(exc)
     return backend.incompatibility(v, host)
 

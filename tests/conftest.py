@@ -14,6 +14,29 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("CHIMERA_BENCH_MAX_SECONDS", "0.15")
 
 
+def _session_keys() -> Path:
+    """An EC key pair for the session: what tests log and publish is signed with it and
+    trusted, as on an operator's fleet. Tests about unsigned variants unset these."""
+    import tempfile
+
+    from mlflow_chimera.signing import generate_key_pair
+
+    folder = Path(tempfile.mkdtemp(prefix="chimera-test-keys-"))
+    generate_key_pair(folder / "signing.pem", folder / "trusted.pub")
+    return folder
+
+
+_KEYS = _session_keys()
+os.environ.setdefault("CHIMERA_SIGNING_KEY", str(_KEYS / "signing.pem"))
+os.environ.setdefault("CHIMERA_TRUSTED_KEYS", str(_KEYS / "trusted.pub"))
+
+
+@pytest.fixture(scope="session")
+def session_keys() -> Path:
+    """The session's key folder: ``signing.pem`` (private) and ``trusted.pub``."""
+    return _KEYS
+
+
 @pytest.fixture(scope="session")
 def tracking_uri(tmp_path_factory):
     """A real MLflow tracking store (sqlite) with local artifacts, shared by the session."""
@@ -23,6 +46,8 @@ def tracking_uri(tmp_path_factory):
     uri = f"sqlite:///{root / 'mlflow.db'}"
     os.environ["MLFLOW_TRACKING_URI"] = uri
     mlflow.set_tracking_uri(uri)
+    # Artifacts under the same temporary folder, never an mlruns/ in the working directory.
+    mlflow.create_experiment("chimera-tests", artifact_location=(root / "artifacts").as_uri())
     experiment = mlflow.set_experiment("chimera-tests")
     assert experiment.artifact_location
     yield uri

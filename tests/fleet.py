@@ -48,5 +48,6 @@ print(json.dumps({{"variant": raw.variant.id, "explain": raw.explain(),
 
 
 def cached_files(cache_dir) -> set:
-    """Names of the payload files in a chimera cache (variant records aside)."""
-    return {p.name for p in Path(cache_dir).rglob("*") if p.is_file() and p.name != "variant.json"}
+    """Names of the payload files in a chimera cache (variant records and their signatures aside)."""
+    return {p.name for p in Path(cache_dir).rglob("*")
+            if p.is_file() and p.name not in ("variant.json", "variant.sig")}

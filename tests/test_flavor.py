@@ -155,6 +155,6 @@ def test_input_example_is_required(tracking_uri):
 
 
 def test_unknown_backend_is_a_clear_error(tracking_uri):
-    with pytest.raises(ValueError, match="unknown backend 'tensorrtx'.*onnxruntime"):
+    with pytest.raises(ValueError, match="backend 'tensorrtx' is not registered.*onnxruntime"):
         mlflow.chimera.log_model(models.mlp(), name="bad-backend", input_example=models.examples()["mlp"],
                                  backends=["tensorrtx"])

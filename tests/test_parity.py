@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import models
-from mlflow_chimera.compile.parity import compare_outputs, make_inputs, tolerance_for
+from mlflow_chimera.compile.parity import case_inputs, check_cases, compare_outputs, make_inputs, tolerance_for
 
 TOL = {"atol": 1e-4, "rtol": 1e-3}
 
@@ -38,14 +38,30 @@ def test_tolerance_defaults_and_overrides():
     assert tolerance_for("fp32", {"fp32": {"atol": 1e-6}}) == {"atol": 1e-6, "rtol": 1e-3}
 
 
-def test_check_inputs_differ_from_the_example_at_other_batches():
-    example = {"x": np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32),
-               "ids": np.array([[1, 2], [3, 4]], dtype=np.int64)}
-    big = make_inputs(example, 16)
-    assert big["x"].shape == (16, 3) and big["x"].dtype == np.float32
-    assert len({tuple(r) for r in big["x"].round(6)}) > 2  # not copies of the two example rows
-    assert set(big["ids"].ravel()) <= {1, 2, 3, 4}  # integer inputs keep valid values
-    assert make_inputs(example, 2) is example
+def test_generated_check_inputs_differ_from_the_example_in_values():
+    rng = np.random.default_rng(0)
+    example = {"x": (3.0 + 0.5 * rng.standard_normal((2, 3))).astype(np.float32),
+               "ids": np.array([[1, 2, 9], [3, 4, 7]], dtype=np.int64),
+               "mask": np.array([[1, 1, 1], [1, 1, 0]], dtype=np.int64)}
+    big = make_inputs(example, 64)
+    assert big["x"].shape == (64, 3) and big["x"].dtype == np.float32
+    assert len({tuple(r) for r in big["x"].round(6)}) == 64  # not copies of the example rows
+    assert abs(big["x"].mean() - 3.0) < 0.5  # the example's mean and spread
+    assert big["ids"].dtype == np.int64 and set(big["ids"].ravel()) <= set(range(1, 10))
+    assert len(set(big["ids"].ravel())) > 6  # the whole range, not just the example's values
+    assert {tuple(r) for r in big["mask"]} <= {(1, 1, 1), (1, 1, 0)}  # masks keep their structure
+    same_batch = make_inputs(example, 2)
+    assert not np.array_equal(same_batch["x"], example["x"])
+
+
+def test_check_cases_cover_generated_inputs_and_boundary_batches():
+    labels = [(c["label"], c["batch"]) for c in check_cases(4)]
+    assert labels == [("batch_1", 1), ("example", 4), ("generated", 4), ("batch_16", 16)]
+    assert check_cases(4, {"ids": {"1": "sequence"}})[-1]["label"] == "shorter_axes"
+    example = {"ids": np.arange(32, dtype=np.int64).reshape(2, 16)}
+    shorter = case_inputs(example, {"label": "shorter_axes", "batch": 2}, {"ids": {"1": "sequence"}})
+    assert shorter["ids"].shape == (2, 8)
+    assert case_inputs(example, {"label": "example", "batch": 2}) is example
 
 
 def test_forced_parity_failure_is_recorded_and_never_selected(tracking_uri):

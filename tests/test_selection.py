@@ -33,9 +33,22 @@ def _variant(vid, backend="onnxruntime", precision="fp32", status=READY, p50=Non
 def test_ranks_by_latency_measured_on_this_host_class():
     variants = [_variant("onnxruntime-fp32-cpu", p50=0.30), _variant("onnxruntime-int8-cpu", precision="int8", p50=0.10),
                 _variant("eager-fp32-cpu", backend="eager", p50=0.20)]
-    decision = rank(variants, HOST)
+    decision = rank(variants, HOST, {"precision": "any"})
     assert [c.variant.id for c in decision.candidates] == ["onnxruntime-int8-cpu", "eager-fp32-cpu", "onnxruntime-fp32-cpu"]
     assert "measured on this host class" in decision.candidates[0].basis
+
+
+def test_lossy_variants_are_served_only_on_request():
+    variants = [_variant("onnxruntime-fp32-cpu", p50=0.30), _variant("onnxruntime-int8-cpu", precision="int8", p50=0.10),
+                _variant("onnxruntime-bf16-cpu", precision="bf16", p50=0.05)]
+    default = rank(variants, HOST)
+    assert [c.variant.id for c in default.candidates] == ["onnxruntime-fp32-cpu"]
+    assert "int8 is lossy; served only on request" in default.rejected["onnxruntime-int8-cpu"]
+    assert [c.variant.id for c in rank(variants, HOST, {"precision": "int8"}).candidates] == ["onnxruntime-int8-cpu"]
+    both = rank(variants, HOST, {"precision": "fp32,bf16"})
+    assert [c.variant.id for c in both.candidates] == ["onnxruntime-bf16-cpu", "onnxruntime-fp32-cpu"]
+    with pytest.raises(ValueError, match="'fp64'.*not a precision"):
+        rank(variants, HOST, {"precision": "fp64"})
 
 
 def test_timings_from_another_host_class_are_not_compared():
@@ -71,7 +84,8 @@ def test_backend_and_precision_overrides():
     assert [c.variant.id for c in rank(variants, HOST, {"backend": "eager"}).candidates] == ["eager-fp32-cpu"]
     assert [c.variant.id for c in rank(variants, HOST, {"precision": "fp32"}).candidates] == [
         "onnxruntime-fp32-cpu", "eager-fp32-cpu"]
-    assert len(rank(variants, HOST, {"backend": "auto", "variant": "auto"}).candidates) == 3
+    assert len(rank(variants, HOST, {"backend": "auto", "variant": "auto"}).candidates) == 2  # fp32 only
+    assert len(rank(variants, HOST, {"backend": "auto", "precision": "any"}).candidates) == 3
 
 
 def test_unknown_override_values_are_clear_errors():

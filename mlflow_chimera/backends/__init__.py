@@ -1,37 +1,73 @@
 """Backends, by name. Each module is imported only when its backend is asked for, so that
-selecting an ONNX Runtime variant never imports torch."""
+selecting an ONNX Runtime variant never imports torch.
+
+The registered set is this package's backends plus those other packages declare in the
+``mlflow_chimera.backends`` entry-point group (``name = "package.module:Class"``). A loader
+looks backends up only in that set: a name in a variant record that is not registered is
+refused, never imported. ``log_model(backends=["package.module:Class"])`` may still name an
+unregistered class to *build* with — that is the author's own code on the author's machine —
+but the variants it builds load only where that backend is registered.
+"""
 
 from __future__ import annotations
 
 import importlib
 
-# name -> (module, class). The order is the default preference when nothing was measured.
-_BACKENDS = {
-    "onnxruntime": ("mlflow_chimera.backends.onnx_runtime", "OnnxRuntimeBackend"),
-    "aotinductor": ("mlflow_chimera.backends.aotinductor", "AOTInductorBackend"),
-    "torch_compile": ("mlflow_chimera.backends.torch_compile", "TorchCompileBackend"),
-    "eager": ("mlflow_chimera.backends.eager", "EagerBackend"),
+ENTRY_POINT_GROUP = "mlflow_chimera.backends"
+
+# name -> "module:Class". The order is the default preference when nothing was measured.
+_BUILTIN = {
+    "onnxruntime": "mlflow_chimera.backends.onnx_runtime:OnnxRuntimeBackend",
+    "aotinductor": "mlflow_chimera.backends.aotinductor:AOTInductorBackend",
+    "torch_compile": "mlflow_chimera.backends.torch_compile:TorchCompileBackend",
+    "eager": "mlflow_chimera.backends.eager:EagerBackend",
 }
 
-DEFAULT_ORDER = tuple(_BACKENDS)
+DEFAULT_ORDER = tuple(_BUILTIN)
+_registered: dict | None = None
+
+
+class UnknownBackendError(ValueError):
+    """A backend name that is not registered (or cannot be imported)."""
+
+
+def registered() -> dict:
+    """{name: "module:Class"}: the built-in backends and the entry-point group's."""
+    global _registered
+    if _registered is None:
+        from importlib.metadata import entry_points
+
+        found = dict(_BUILTIN)
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            found.setdefault(ep.name, ep.value)
+        _registered = found
+    return _registered
 
 
 def names() -> list:
-    return list(_BACKENDS)
+    return list(registered())
 
 
-def get(name: str):
-    """The backend called ``name``, or the class a ``"package.module:Class"`` spec names;
-    a clear error lists the known ones."""
-    if ":" in name:
-        module, cls = name.split(":", 1)
-    else:
-        try:
-            module, cls = _BACKENDS[name]
-        except KeyError:
-            raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(_BACKENDS)} "
-                             "(or 'package.module:Class')") from None
+def _instantiate(spec: str, name: str):
+    module, _, cls = spec.partition(":")
     try:
         return getattr(importlib.import_module(module), cls)()
     except (ImportError, AttributeError) as exc:
-        raise ValueError(f"backend {name!r} cannot be imported: {exc}") from exc
+        raise UnknownBackendError(f"backend {name!r} cannot be imported: {exc}") from exc
+
+
+def get(name: str):
+    """The registered backend called ``name``; anything else is refused with the known names."""
+    spec = registered().get(name)
+    if spec is None:
+        raise UnknownBackendError(f"backend {name!r} is not registered; registered backends: "
+                                  f"{', '.join(registered())}")
+    return _instantiate(spec, name)
+
+
+def for_build(name: str):
+    """A backend to build with: a registered name, or ``"package.module:Class"`` (the caller's
+    own code, on the caller's machine)."""
+    if name in registered() or ":" not in name:
+        return get(name)
+    return _instantiate(name, name)

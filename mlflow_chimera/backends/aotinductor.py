@@ -20,6 +20,7 @@ from mlflow_chimera.backends.base import (
     BuildOutput,
     LoadContext,
     VariantPlan,
+    listed_file,
     major_minor,
     pin_requirement,
 )
@@ -59,6 +60,7 @@ def _cuda_capability() -> str | None:
 class AOTInductorBackend:
     name = "aotinductor"
     needs_torch_at_runtime = True
+    native_code = True  # a shared library: loaded only from a trusted record (trust.py)
 
     def build_unavailable_reason(self) -> str | None:
         from mlflow_chimera.host import installed_version
@@ -139,8 +141,8 @@ class AOTInductorBackend:
 
         from mlflow_chimera.reference import validate_archive
 
-        path = Path(variant_dir, PACKAGE_FILE)
-        validate_archive(path)
+        path = listed_file(variant, variant_dir, PACKAGE_FILE)
+        validate_archive(path, what="AOTInductor package", native_code=True)
         # AOTI_RUNTIME_CHECK_INPUTS stays off: its recorded batch range is [2, …] even where the
         # size-oblivious code is correct at batch 1 (parity checks batch 1). Inputs reach the
         # package only after runtime.ChimeraModel checked dtype, rank, every non-batch

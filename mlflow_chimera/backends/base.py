@@ -98,6 +98,16 @@ class Backend(Protocol):
         """pip requirements a serving environment needs to run ``variant``."""
 
 
+def listed_file(variant, variant_dir: Path, name: str) -> Path:
+    """The path of ``name`` in a verified variant directory — only if the variant's record
+    lists it (and so its digest was checked); a backend never opens an unlisted file."""
+    from mlflow_chimera.manifest import IntegrityError, confined
+
+    if name not in variant.files:
+        raise IntegrityError(f"{variant.id}: its record does not list {name}; an unlisted file is never opened")
+    return confined(variant_dir, name)
+
+
 def major_minor(version: str) -> str:
     """"2.13.0+cpu" -> "2.13"."""
     return ".".join(version.split("+")[0].split(".")[:2])

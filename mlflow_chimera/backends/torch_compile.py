@@ -12,7 +12,9 @@ cache: it is loaded only after its sha256 matched the variant's record (runtime.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from mlflow_chimera.backends.base import (
     BuildOutput,
     LoadContext,
     VariantPlan,
+    listed_file,
     major_minor,
     pin_requirement,
 )
@@ -54,9 +57,30 @@ def _warm_up(compiled, signature, example: dict) -> float:
     return time.perf_counter() - started
 
 
+@contextlib.contextmanager
+def _private_inductor_cache(key: str):
+    """Inductor's cache directory pointed at a private one while the shipped cache is loaded and
+    the model compiled, so its entries never land in the host-wide Inductor cache, where later,
+    unrelated processes would load them."""
+    from mlflow_chimera.cache import cache_root
+
+    folder = Path(cache_root(), "inductor", key[:32], f"{os.getpid()}-{threading.get_ident()}")
+    folder.mkdir(parents=True, exist_ok=True)
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    try:
+        yield folder
+    finally:
+        if before is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
+
+
 class TorchCompileBackend:
     name = "torch_compile"
     needs_torch_at_runtime = True
+    native_code = True  # the cache holds pickles and generated code: loaded only from a trusted record
 
     def build_unavailable_reason(self) -> str | None:
         from mlflow_chimera.backends.aotinductor import AOTInductorBackend
@@ -114,12 +138,13 @@ class TorchCompileBackend:
 
         from mlflow_chimera.reference import load_program
 
-        torch.compiler.load_cache_artifacts(Path(variant_dir, CACHE_FILE).read_bytes())
         program = load_program(context.reference_path(), context.reference_sha256)
-        compiled = _compile(program.module(), variant.options)
         with np.load(Path(context.model_dir, CHECK_INPUTS), allow_pickle=False) as data:
             example = {k: data[k] for k in data.files}
-        _warm_up(compiled, context.signature, example)
+        with _private_inductor_cache(variant.content_key()):
+            torch.compiler.load_cache_artifacts(listed_file(variant, variant_dir, CACHE_FILE).read_bytes())
+            compiled = _compile(program.module(), variant.options)
+            _warm_up(compiled, context.signature, example)
         # Dynamo may recompile for an unseen shape; compilation is not thread-safe.
         return TorchRunner(compiled, context.signature, serialize=True)
 

@@ -31,31 +31,62 @@ def tolerance_for(precision: str, overrides: dict | None = None) -> dict:
     return tol
 
 
-def check_batches(example_batch: int, large: int | None = None) -> list:
-    """Batch sizes to check: 1, the example's, and a larger one (at least 2× the example)."""
+def check_cases(example_batch: int, dynamic_axes: dict | None = None, large: int | None = None) -> list:
+    """The inputs every variant is checked on, as ``[{"label", "batch"}]``: generated inputs at
+    batch 1, the example itself, generated inputs at the example's batch and at a larger batch
+    (at least 2× the example), and — when the model has dynamic axes besides the batch —
+    generated inputs with those axes shorter than the example's."""
     large = large or max(2 * example_batch, 16)
-    return sorted({1, example_batch, large})
+    cases = [{"label": "batch_1", "batch": 1}, {"label": "example", "batch": example_batch},
+             {"label": "generated", "batch": example_batch}, {"label": f"batch_{large}", "batch": large}]
+    if dynamic_axes:
+        cases.append({"label": "shorter_axes", "batch": example_batch})
+    return cases
 
 
-def make_inputs(example: dict, batch: int, seed: int = 0) -> dict:
-    """Inputs of ``batch`` rows, like the example but not copies of it (except at its own batch).
+def make_inputs(example: dict, batch: int, seed: int = 0, dynamic_axes: dict | None = None,
+                shorter: bool = False) -> dict:
+    """Inputs of ``batch`` rows that differ from the example in values, with its dtypes.
 
-    Rows are drawn from the example's rows; floating inputs get noise at the example's scale,
-    so a variant that mixes up rows or batches cannot pass by accident.
+    Floating inputs are drawn with the example's mean and spread; integer inputs uniformly
+    within the range the example shows, except inputs with at most two distinct values
+    (attention masks, segment ids, flags), whose rows are drawn from the example's rows so they
+    keep their structure. ``shorter=True`` shrinks every dynamic non-batch axis to half the
+    example's size (at least 2): a gate fed one input shape is fooled by a size baked in.
     """
+    rng = np.random.default_rng(seed + 7919 * batch + (1 if shorter else 0))
     n = next(iter(example.values())).shape[0]
-    if batch == n:
-        return example
-    rng = np.random.default_rng(seed + batch)
     rows = rng.integers(0, n, size=batch)
+    sizes = {}
+    if shorter:
+        for name, axes in (dynamic_axes or {}).items():
+            for axis, label in axes.items():
+                sizes.setdefault(label, max(2, example[name].shape[int(axis)] // 2))
     out = {}
     for name, arr in example.items():
-        picked = arr[rows]
+        shape = [batch, *arr.shape[1:]]
+        for axis, label in ((dynamic_axes or {}).get(name) or {}).items():
+            if label in sizes:
+                shape[int(axis)] = sizes[label]
         if np.issubdtype(arr.dtype, np.floating):
-            scale = float(np.std(arr)) or 1.0
-            picked = picked + rng.normal(0.0, 0.1 * scale, size=picked.shape).astype(arr.dtype)
-        out[name] = np.ascontiguousarray(picked)
+            mean, std = float(arr.mean()), float(arr.std()) or 1.0
+            value = rng.normal(mean, std, size=shape).astype(arr.dtype)
+        elif arr.dtype == np.bool_ or np.unique(arr).size <= 2:
+            value = arr[rows][tuple(slice(0, d) for d in shape)]
+            if value.shape != tuple(shape):  # an axis longer than the example's: repeat it
+                value = np.resize(value, shape)
+        else:
+            value = rng.integers(int(arr.min()), int(arr.max()) + 1, size=shape).astype(arr.dtype)
+        out[name] = np.ascontiguousarray(value)
     return out
+
+
+def case_inputs(example: dict, case: dict, dynamic_axes: dict | None = None) -> dict:
+    """The inputs of one of :func:`check_cases`' cases."""
+    if case["label"] == "example":
+        return example
+    return make_inputs(example, case["batch"], dynamic_axes=dynamic_axes,
+                       shorter=case["label"] == "shorter_axes")
 
 
 def compare_outputs(reference: list, candidate: list, names: list, tol: dict) -> list:
@@ -91,21 +122,29 @@ def criterion_for(precision: str) -> str:
 
 
 def run_parity(runner, cases, output_names: list, tol: dict, criterion: str) -> Parity:
-    """Check ``runner`` on ``cases`` — ``(batch, inputs, reference outputs)`` — and stop at the
-    first batch that fails."""
+    """Check ``runner`` on ``cases`` — ``(label, batch, inputs, reference outputs)`` — and stop
+    at the first case that fails."""
     checks = []
-    for batch, inputs, expected in cases:
+    for label, batch, inputs, expected in cases:
         try:
             got = runner.run(inputs)
         except Exception as exc:  # noqa: BLE001 - a variant that raises fails parity
-            checks.append({"batch": batch, "outputs": [], "error": f"{type(exc).__name__}: {exc}"[:500]})
+            checks.append({"case": label, "batch": batch, "outputs": [],
+                           "error": f"{type(exc).__name__}: {exc}"[:500]})
             return Parity(False, tol, criterion, checks,
-                          reason=f"batch {batch}: raised {type(exc).__name__}: {str(exc)[:200]}")
+                          reason=f"{_case_words(label, batch)}: raised {type(exc).__name__}: {str(exc)[:200]}")
         outputs = compare_outputs(expected, got, output_names, tol)
-        checks.append({"batch": batch, "outputs": outputs})
+        checks.append({"case": label, "batch": batch, "outputs": outputs})
         failed = [o for o in outputs if not o["passed"]]
         if failed:
             first = failed[0]
             return Parity(False, tol, criterion, checks,
-                          reason=f"batch {batch}, output {first['name']!r}: {first.get('reason')}")
+                          reason=f"{_case_words(label, batch)}, output {first['name']!r}: {first.get('reason')}")
     return Parity(True, tol, criterion, checks)
+
+
+def _case_words(label: str, batch: int) -> str:
+    return {"example": f"the input example (batch {batch})",
+            "generated": f"generated inputs at batch {batch}",
+            "shorter_axes": f"generated inputs with shorter dynamic axes (batch {batch})"}.get(
+        label, f"generated inputs at batch {batch}")

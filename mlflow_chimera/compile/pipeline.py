@@ -17,10 +17,10 @@ from pathlib import Path
 from mlflow_chimera import backends as backend_registry
 from mlflow_chimera import host as host_mod
 from mlflow_chimera.compile import isolation
-from mlflow_chimera.compile.parity import check_batches, criterion_for, make_inputs, tolerance_for
+from mlflow_chimera.compile.parity import case_inputs, check_cases, criterion_for, tolerance_for
 from mlflow_chimera.compile.timing import TimingConfig
 from mlflow_chimera.compile.worker import BuildJob, save_checks
-from mlflow_chimera.manifest import variant_dir
+from mlflow_chimera.manifest import FAILED_PARITY, READY, variant_dir
 
 _logger = logging.getLogger("mlflow.chimera")
 
@@ -43,7 +43,7 @@ def resolve_backends(requested) -> tuple[list, dict]:
     names = list(requested) if requested else backend_registry.names()
     chosen, skipped = [], {}
     for name in names:
-        backend = backend_registry.get(name)
+        backend = backend_registry.for_build(name)
         reason = backend.build_unavailable_reason()
         if reason is None:
             chosen.append((name, backend))
@@ -52,6 +52,31 @@ def resolve_backends(requested) -> tuple[list, dict]:
         else:
             skipped[name] = reason
     return chosen, skipped
+
+
+def _static_fallbacks(chosen, variants, precisions, host, example_batch: int, signature) -> list:
+    """[(backend name, plans)] of fixed-batch variants for backends whose dynamic-batch
+    variants all failed parity (an export that baked in a size from the example's batch), so
+    the backend is not lost for the batch sizes users are most likely to serve (1 and the
+    example's). Models with other dynamic axes are left as they are."""
+    import inspect
+
+    if signature.dynamic_axes:
+        return []
+    fallbacks = []
+    for name, backend in chosen:
+        if "static_batches" not in inspect.signature(backend.plan).parameters:
+            continue
+        own = [v for v in variants if v.backend == backend.name and not v.id.endswith("-static")]
+        failed = [v for v in own if v.status == FAILED_PARITY]
+        if failed and not any(v.status == READY and v.precision == "fp32" for v in own):
+            plans = backend.plan(precisions, host, static_batches=sorted({1, example_batch}))
+            for plan in plans:
+                plan.options["static_fallback_reason"] = f"{failed[0].id}: {failed[0].reason}"[:300]
+            _logger.warning("chimera: every dynamic-batch %s variant failed parity (%s); building it at fixed "
+                            "batch sizes %s", backend.name, failed[0].reason, sorted({1, example_batch}))
+            fallbacks.append((name, plans))
+    return fallbacks
 
 
 def build_variants(
@@ -82,34 +107,39 @@ def build_variants(
     precisions = list(precisions or DEFAULT_PRECISIONS)
     timing = dataclasses.asdict(TimingConfig.from_options(benchmark))
     example_batch = next(iter(example.values())).shape[0]
-    parity_batches = check_batches(example_batch)
+    cases = check_cases(example_batch, signature.dynamic_axes)
     parallelism = parallelism or isolation.default_parallelism()
     with tempfile.TemporaryDirectory(prefix="chimera-build-") as scratch:
         checks_dir = Path(scratch, "checks")
         checks_dir.mkdir()
-        for batch in parity_batches:
-            inputs = make_inputs(example, batch)
-            save_checks(checks_dir, batch, inputs, reference_fn(inputs))
+        for case in cases:
+            inputs = case_inputs(example, case, signature.dynamic_axes)
+            save_checks(checks_dir, case["label"], inputs, reference_fn(inputs))
         common = dict(
             model_dir=str(model_dir), program_path=str(program_path),
             reference_sha256=reference_sha256, signature=signature.to_dict(),
-            checks_dir=str(checks_dir), parity_batches=parity_batches,
-            bench_batches=sorted({1, example_batch}), example_batch=example_batch,
+            checks_dir=str(checks_dir), parity_cases=cases,
+            bench_cases=["batch_1"] + (["example"] if example_batch != 1 else []),
+            example_batch=example_batch,
             timing=timing, scratch_dir=scratch, bench_lock=str(Path(scratch, "bench.lock")),
             host=host.to_dict(), host_class=host.host_class,
             build_threads=0 if parallelism == 1 else max(1, (host.cpu_count or 1) // parallelism),
         )
-        groups = [
-            [BuildJob(plan=plan, backend=name, out_dir=str(variant_dir(model_dir, plan.id)),
-                      tolerance=tolerance_for(plan.precision, tolerances),
-                      criterion=criterion_for(plan.precision), **common)
-             for plan in backend.plan(precisions, host) if plan.id not in skip_ids]
-            for name, backend in chosen
-        ]
-        variants = isolation.run_groups(
-            groups, timeout_s=build_timeout or isolation.DEFAULT_TIMEOUT_S,
-            parallelism=parallelism, progress=progress,
-        )
+        def jobs(name, plans):
+            return [BuildJob(plan=plan, backend=name, out_dir=str(variant_dir(model_dir, plan.id)),
+                             tolerance=tolerance_for(plan.precision, tolerances),
+                             criterion=criterion_for(plan.precision), **common)
+                    for plan in plans if plan.id not in skip_ids]
+
+        def run(groups):
+            return isolation.run_groups(groups, timeout_s=build_timeout or isolation.DEFAULT_TIMEOUT_S,
+                                        parallelism=parallelism, progress=progress)
+
+        variants = run([jobs(name, backend.plan(precisions, host)) for name, backend in chosen])
+        fallback = [jobs(name, plans) for name, plans in
+                    _static_fallbacks(chosen, variants, precisions, host, example_batch, signature)]
+        if any(fallback):
+            variants += run(fallback)
     for variant in variants:
         _logger.info("chimera: %s -> %s%s", variant.id, variant.status,
                      f" ({variant.reason})" if variant.reason else "")

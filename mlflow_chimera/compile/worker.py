@@ -38,9 +38,9 @@ class BuildJob:
     program_path: str
     reference_sha256: str
     signature: dict
-    checks_dir: str  # batch_<n>.npz: inputs ("in/<name>") and reference outputs ("out/<i>")
-    parity_batches: list
-    bench_batches: list
+    checks_dir: str  # <case label>.npz: inputs ("in/<name>") and reference outputs ("out/<i>")
+    parity_cases: list  # [{"label", "batch"}] (compile.parity.check_cases)
+    bench_cases: list  # labels of the cases timed, one per batch size
     tolerance: dict
     criterion: str
     timing: dict
@@ -56,18 +56,18 @@ class BuildJob:
         return cls(**{**d, "plan": VariantPlan(**d["plan"])})
 
 
-def check_file(checks_dir, batch: int) -> Path:
-    return Path(checks_dir, f"batch_{batch}.npz")
+def check_file(checks_dir, label: str) -> Path:
+    return Path(checks_dir, f"{label}.npz")
 
 
-def save_checks(checks_dir, batch: int, inputs: dict, outputs: list) -> None:
+def save_checks(checks_dir, label: str, inputs: dict, outputs: list) -> None:
     arrays = {f"in/{k}": v for k, v in inputs.items()}
     arrays.update({f"out/{i}": v for i, v in enumerate(outputs)})
-    np.savez(check_file(checks_dir, batch), **arrays)
+    np.savez(check_file(checks_dir, label), **arrays)
 
 
-def load_checks(checks_dir, batch: int) -> tuple[dict, list]:
-    with np.load(check_file(checks_dir, batch), allow_pickle=False) as data:
+def load_checks(checks_dir, label: str) -> tuple[dict, list]:
+    with np.load(check_file(checks_dir, label), allow_pickle=False) as data:
         inputs = {k[3:]: data[k] for k in data.files if k.startswith("in/")}
         outs = sorted((int(k[4:]), data[k]) for k in data.files if k.startswith("out/"))
     return inputs, [v for _, v in outs]
@@ -93,12 +93,12 @@ def run_job(job: BuildJob) -> Variant:
 
     plan, out_dir = job.plan, Path(job.out_dir)
     signature = Signature.from_dict(job.signature)
-    backend = backend_registry.get(job.backend)
-    variant = Variant(id=plan.id, backend=job.backend, precision=plan.precision,
+    backend = backend_registry.for_build(job.backend)
+    variant = Variant(id=plan.id, backend=plan.backend, precision=plan.precision,
                       target=plan.target, options=plan.options)
     provenance = {"reference_sha256": job.reference_sha256, "build_host": job.host,
                   "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    example, _ = load_checks(job.checks_dir, job.example_batch)
+    example, _ = load_checks(job.checks_dir, "example")
     started = time.perf_counter()
     program = load_program(job.program_path, job.reference_sha256)
     context = BuildContext(program=program, program_path=Path(job.program_path), signature=signature,
@@ -129,7 +129,7 @@ def run_job(job: BuildJob) -> Variant:
         return variant
     variant.provenance["load_seconds"] = round(time.perf_counter() - load_started, 3)
 
-    cases = ((batch, *load_checks(job.checks_dir, batch)) for batch in job.parity_batches)
+    cases = ((c["label"], c["batch"], *load_checks(job.checks_dir, c["label"])) for c in job.parity_cases)
     variant.parity = run_parity(runner, cases, signature.output_names, job.tolerance, job.criterion)
     variant.status = READY if variant.parity.passed else FAILED_PARITY
     variant.reason = None if variant.parity.passed else variant.parity.reason
@@ -138,8 +138,9 @@ def run_job(job: BuildJob) -> Variant:
         timing = TimingConfig(**job.timing)
         latency = {}
         with exclusive(job.bench_lock):
-            for batch in job.bench_batches:
-                inputs, _ = load_checks(job.checks_dir, batch)
+            for label in job.bench_cases:
+                inputs, _ = load_checks(job.checks_dir, label)
+                batch = next(iter(inputs.values())).shape[0]
                 latency[str(batch)] = measure(lambda: runner.run(inputs), timing)
         variant.benchmarks = [Benchmark(job.host_class, latency,
                                         datetime.now(timezone.utc).isoformat(timespec="seconds"),
