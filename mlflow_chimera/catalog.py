@@ -22,7 +22,6 @@ from mlflow_chimera.backends.base import LoadContext
 from mlflow_chimera.manifest import (
     CHECK_INPUTS,
     CHECK_OUTPUTS,
-    REFERENCE_PROGRAM,
     VARIANT_FILE,
     IntegrityError,
     Variant,
@@ -248,7 +247,3 @@ def _merge_host_benchmarks(variants: list, model_dir: Path, model_trust: trust_m
                 latency = {**(earlier.latency_ms if earlier else {}), **per_variant[v.id]}
                 v.benchmarks = [b for b in v.benchmarks if b.host_class != host_class]
                 v.benchmarks.append(Benchmark(host_class, latency, tool="chimera.benchmark"))
-
-
-__all__ = ["Catalog", "read_catalog", "published_entries", "check_location", "verify_checks",
-           "PUBLISHED_TAG_PREFIX", "PAYLOAD_ROOT", "REFERENCE_PROGRAM"]

@@ -166,9 +166,8 @@ class OnnxRuntimeBackend:
                     f"validated this variant (opset {variant.provenance.get('opset')})")
         return None
 
-    def load(self, variant, variant_dir: Path, context: LoadContext) -> OnnxRuntimeRunner:
-        import onnxruntime
-
+    def load(self, variant, variant_dir: Path, context: LoadContext):
+        """A runner for the verified variant: one session, or one per fixed batch size."""
         sessions = {}
         for name, batch in model_files(variant.options).items():
             model_path = listed_file(variant, variant_dir, name)
