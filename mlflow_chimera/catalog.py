@@ -133,7 +133,7 @@ def read_catalog(model_dir, flavor_conf: dict, policy: trust_mod.Policy | None =
             if variant.location is not None:
                 check_location(variant.location, vid, run_id)
             _gate_native(variant, variant_dir(model_dir, vid) / trust_mod.SIGNATURE_FILE,
-                         entry["variant_json_sha256"], flavor_conf, model_trust, source)
+                         entry["variant_json_sha256"], flavor_conf, model_trust)
         except (IntegrityError, trust_mod.TrustError, OSError, ValueError, KeyError, TypeError) as exc:
             refused[str(vid)[:80]] = f"refused: {exc}"
             continue
@@ -146,7 +146,7 @@ def read_catalog(model_dir, flavor_conf: dict, policy: trust_mod.Policy | None =
 
 
 def _gate_native(variant: Variant, signature_path: Path, variant_json_sha256: str, flavor_conf: dict,
-                 model_trust: trust_mod.ModelTrust, source: trust_mod.Source) -> None:
+                 model_trust: trust_mod.ModelTrust) -> None:
     """Under ``trust="signed"``, native code only with a trusted signature."""
     if model_trust.policy.level != "signed" or not _native_code(variant):
         return

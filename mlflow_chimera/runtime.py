@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+from mlflow.exceptions import MlflowException
 
 from mlflow_chimera import backends as backend_registry
 from mlflow_chimera import host as host_mod
@@ -203,13 +204,7 @@ class NoVariantError(RuntimeError):
 # What a failed candidate may raise: integrity and trust refusals, a store or disk that fails,
 # a runtime that refuses the file. Anything else is a bug and is not hidden behind a fallback.
 LOAD_FAILURES = (IntegrityError, trust_mod.TrustError, OSError, RuntimeError, ValueError, ImportError,
-                 MemoryError, backend_registry.UnknownBackendError)
-try:  # MLflow's download errors
-    from mlflow.exceptions import MlflowException
-
-    LOAD_FAILURES += (MlflowException,)
-except ImportError:  # pragma: no cover
-    pass
+                 MemoryError, backend_registry.UnknownBackendError, MlflowException)  # + MLflow's download errors
 
 
 def local_variant_dir(variant: Variant, model_dir: Path) -> Path:
