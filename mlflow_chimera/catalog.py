@@ -239,6 +239,7 @@ def _merge_host_benchmarks(variants: list, model_dir: Path, model_trust: trust_m
                 _logger.warning("chimera: host benchmarks in %s are not anchored; they do not steer ranking", path.name)
                 continue
             per_variant = {vid: dict(entry["latency_ms"]) for vid, entry in record["variants"].items()}
+            how = {"threads": dict(record.get("threads") or {}), "method": str(record.get("method") or "")}
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue  # a malformed file only loses its own figures
         for v in variants:
@@ -246,4 +247,4 @@ def _merge_host_benchmarks(variants: list, model_dir: Path, model_trust: trust_m
                 earlier = v.benchmark_for(host_class)
                 latency = {**(earlier.latency_ms if earlier else {}), **per_variant[v.id]}
                 v.benchmarks = [b for b in v.benchmarks if b.host_class != host_class]
-                v.benchmarks.append(Benchmark(host_class, latency, tool="chimera.benchmark"))
+                v.benchmarks.append(Benchmark(host_class, latency, tool="chimera.benchmark", **how))

@@ -45,6 +45,7 @@ from mlflow_chimera import reference
 from mlflow_chimera.capture import capture, eval_mode
 from mlflow_chimera.catalog import PAYLOAD_ROOT
 from mlflow_chimera.errors import NothingUsableError
+from mlflow_chimera.selection import check_config
 from mlflow_chimera.signing import key_id, signing_key
 from mlflow_chimera.backends.torch_runner import TorchRunner
 from mlflow_chimera.compile.pipeline import build_variants, check_request
@@ -60,15 +61,26 @@ from mlflow_chimera.manifest import (
 
 FLAVOR_NAME = "chimera"
 # Saved so that these keys can be overridden at load time (MLflow drops keys it did not save).
-DEFAULT_MODEL_CONFIG = {"variant": "auto", "backend": "auto", "precision": "auto"}
+DEFAULT_MODEL_CONFIG = {"variant": "auto", "backend": "auto", "precision": "auto", "accuracy": "auto",
+                        "max_abs_err": "auto"}
 
 
-def _default_model_config(precisions) -> dict:
-    """The pyfunc defaults saved with the model. Selection serves fp32 unless asked otherwise;
-    an author who built only lossy precisions has asked, so their model serves any precision."""
+def _default_model_config(precisions, model_config: dict | None = None) -> dict:
+    """The pyfunc defaults saved with the model: the author's ``model_config`` over chimera's.
+    Selection serves fp32 unless asked otherwise; an author who built only lossy precisions
+    has asked, so their model serves any precision."""
     config = dict(DEFAULT_MODEL_CONFIG)
     if precisions and "fp32" not in precisions:
         config["precision"] = "any"
+    unknown = sorted(set(model_config or {}) - set(DEFAULT_MODEL_CONFIG))
+    if unknown:
+        raise MlflowException(f"model_config keys {unknown} are not chimera settings; known: "
+                              f"{', '.join(DEFAULT_MODEL_CONFIG)}", error_code=INVALID_PARAMETER_VALUE)
+    config.update(model_config or {})
+    try:
+        check_config(config)
+    except ValueError as exc:
+        raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from exc
     return config
 
 
@@ -99,6 +111,7 @@ def save_model(
     build_parallelism: int | None = None,
     dynamic_shapes: dict | None = None,
     signing_key_path: str | None = None,
+    model_config: dict | None = None,
     _payload_run_id: str | None = None,
     **kwargs,
 ):
@@ -122,6 +135,10 @@ def save_model(
             ``{"input_ids": {1: "sequence"}, "attention_mask": {1: "sequence"}}``.
         signing_key_path: an EC private key (PEM) to sign every ready variant with (OpenSSF
             model-signing); default ``$CHIMERA_SIGNING_KEY``; unsigned when neither is set.
+        model_config: selection defaults saved with the model, which a loader's own
+            ``model_config`` overrides key by key — e.g. ``{"precision": "bf16"}`` or
+            ``{"max_abs_err": 1e-2}`` to serve a faster lossy variant by default (see
+            :mod:`mlflow_chimera.selection`).
 
     Raises:
         CaptureError: the model cannot be captured, or its eager outputs cannot be served (NaN,
@@ -135,6 +152,7 @@ def save_model(
             error_code=INVALID_PARAMETER_VALUE,
         )
     check_request(backends, precisions)
+    pyfunc_config = _default_model_config(precisions, model_config)
     path = os.path.abspath(path)
     _validate_and_prepare_target_save_path(path)
     mlflow_model = mlflow_model or Model()
@@ -193,7 +211,7 @@ def save_model(
     mlflow.pyfunc.add_to_model(
         mlflow_model,
         loader_module="mlflow_chimera",
-        model_config=_default_model_config(precisions),
+        model_config=pyfunc_config,
         conda_env=_CONDA_ENV_FILE_NAME,
         python_env=_PYTHON_ENV_FILE_NAME,
     )
@@ -340,6 +358,7 @@ def log_model(
     build_parallelism: int | None = None,
     dynamic_shapes: dict | None = None,
     signing_key_path: str | None = None,
+    model_config: dict | None = None,
     **kwargs,
 ):
     """Log a PyTorch model as a chimera model (see :func:`save_model` for the chimera options).
@@ -354,6 +373,7 @@ def log_model(
     from mlflow_chimera.tracking import record_variants
 
     check_request(backends, precisions)
+    _default_model_config(precisions, model_config)  # refuse a bad one before anything is logged
     own_run = mlflow.active_run() is None
     run = mlflow.start_run(run_name=name) if own_run else mlflow.active_run()
     try:
@@ -379,6 +399,7 @@ def log_model(
             build_parallelism=build_parallelism,
             dynamic_shapes=dynamic_shapes,
             signing_key_path=signing_key_path,
+            model_config=model_config,
             _payload_run_id=run.info.run_id,
             run_id=run.info.run_id,
             model=model,
@@ -399,15 +420,18 @@ def load_model(model_uri: str, dst_path: str | None = None, model_config: dict |
     """Load a chimera model as a :class:`mlflow_chimera.runtime.ChimeraModel` (the chosen
     variant's runner, ``predict``, ``explain()``).
 
-    ``trust`` is ``"anchored"`` (default, or ``$CHIMERA_TRUST``), ``"signed"`` or ``"digests"``;
-    ``trusted_keys`` lists public keys (default ``$CHIMERA_TRUSTED_KEYS``). See ``trust.py``.
+    ``model_config`` overrides, key by key, the defaults saved with the model (as
+    ``mlflow.pyfunc.load_model`` does). ``trust`` is ``"anchored"`` (default, or
+    ``$CHIMERA_TRUST``), ``"signed"`` or ``"digests"``; ``trusted_keys`` lists public keys
+    (default ``$CHIMERA_TRUSTED_KEYS``). See ``trust.py``.
     """
     from mlflow_chimera import runtime
     from mlflow_chimera.trust import Policy, Source
 
     local_path = _download_artifact_from_uri(artifact_uri=model_uri, output_path=dst_path)
     conf = _get_flavor_configuration(model_path=local_path, flavor_name=FLAVOR_NAME)
+    saved = _get_flavor_configuration(model_path=local_path, flavor_name="python_function").get("config")
     source = Source(None if os.path.isdir(model_uri) else model_uri)
-    return runtime.load(local_path, conf, model_config, source=source,
+    return runtime.load(local_path, conf, {**(saved or {}), **(model_config or {})}, source=source,
                         policy=Policy.from_settings(trust, trusted_keys))
 

@@ -54,7 +54,7 @@ def _benchmark_local(model_uri: str, local: str, batches, timing, store: bool) -
     from mlflow_chimera import host as host_mod
     from mlflow_chimera import runtime
     from mlflow_chimera.compile.parity import make_inputs
-    from mlflow_chimera.compile.timing import TimingConfig, measure
+    from mlflow_chimera.compile.timing import TimingConfig, measure_interleaved, pin_threads
     from mlflow_chimera.manifest import CHECK_INPUTS
     from mlflow_chimera.selection import rank
 
@@ -71,7 +71,9 @@ def _benchmark_local(model_uri: str, local: str, batches, timing, store: bool) -
     config = TimingConfig.from_options(timing)
     result = {"host_class": host.host_class, "host": host.to_dict(),
               "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "timing": dataclasses.asdict(config), "variants": {}, "skipped": dict(decision.rejected)}
+              "timing": dataclasses.asdict(config), "method": "interleaved",
+              "variants": {}, "skipped": dict(decision.rejected)}
+    calls = {}
     for candidate in decision.candidates:
         variant = candidate.variant
         try:
@@ -79,9 +81,12 @@ def _benchmark_local(model_uri: str, local: str, batches, timing, store: bool) -
         except Exception as exc:  # noqa: BLE001 - a variant that cannot load here is reported
             result["skipped"][variant.id] = f"failed to load: {type(exc).__name__}: {exc}"
             continue
-        result["variants"][variant.id] = {
-            "latency_ms": {str(b): measure(lambda x=x: runner.run(x), config) for b, x in inputs.items()}
-        }
+        for b, x in inputs.items():
+            calls[(variant.id, str(b))] = lambda run=runner.run, x=x: run(x)
+    result["threads"] = pin_threads()  # after loading: torch is imported only by torch variants
+    # Timed side by side, as at log time (compile/timing.py), so the figures compare fairly.
+    for (vid, batch), figures in measure_interleaved(calls, config).items() if calls else ():
+        result["variants"].setdefault(vid, {"latency_ms": {}})["latency_ms"][batch] = figures
     if store:
         _store(result, model_uri, local)
     return result

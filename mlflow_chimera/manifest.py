@@ -159,9 +159,16 @@ class Benchmark:
     """Latency of a variant on one host class, per batch size (milliseconds)."""
 
     host_class: str
-    latency_ms: dict  # {"1": {"p50": …, "p90": …, "p99": …, "calls": …, "cv": …}, "8": {…}}
+    latency_ms: dict  # {"1": {"p50": …, "p90": …, "p99": …, "calls": …, "cv": …, "noise": …}, "8": {…}}
     measured_at: str = ""
     tool: str = "log_model"
+    threads: dict = field(default_factory=dict)  # thread counts the figures were taken with
+    method: str = ""  # "interleaved": timed side by side with the model's other variants
+
+    def noise(self, batch: int | str) -> float:
+        """The relative spread of the figure at ``batch`` (0 when not recorded)."""
+        entry = self.latency_ms.get(str(batch)) or {}
+        return float(entry.get("noise") or 0.0)
 
     def p50(self, batch: int | str) -> float | None:
         entry = self.latency_ms.get(str(batch))

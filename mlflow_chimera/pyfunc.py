@@ -33,8 +33,9 @@ class ChimeraPyfunc:
 def _load_pyfunc(path, model_config=None) -> ChimeraPyfunc:
     """Load the fastest valid variant of the chimera model at ``path`` for this host.
 
-    ``model_config`` may force ``{"variant": id}`` or restrict ``{"backend": …}`` /
-    ``{"precision": …}`` ("auto" means no restriction).
+    ``model_config`` may force ``{"variant": id}``, restrict ``{"backend": …}``, or opt in to
+    lower accuracy with ``{"precision": …}``, ``{"accuracy": "any"}`` or ``{"max_abs_err": …}``
+    ("auto" means the default; see :mod:`mlflow_chimera.selection`).
     """
     conf = _get_flavor_configuration(model_path=path, flavor_name="chimera")
     try:

@@ -73,6 +73,13 @@ def test_model_directory_layout_and_provenance(logged, tmp_path):
     latency = variant["benchmarks"][0]["latency_ms"]
     assert set(latency) == {"1", "2"} and all(v["p50"] > 0 for v in latency.values())
     assert latency["1"]["p50"] <= latency["1"]["p90"] <= latency["1"]["p99"]
+    # Timed side by side with the other variants, with the thread counts recorded.
+    bench = variant["benchmarks"][0]
+    assert bench["method"] == "interleaved" and bench["threads"]["torch_intra_op"] >= 1
+    assert latency["1"]["noise"] is not None and latency["1"]["noise"] >= 0
+    eager = json.loads((local / "variants/eager-fp32-cpu/variant.json").read_text())["benchmarks"][0]
+    assert eager["measured_at"] == bench["measured_at"]  # one measurement for every variant
+    assert eager["latency_ms"]["1"]["windows"] in range(latency["1"]["windows"] - 1, latency["1"]["windows"] + 2)
     # The dynamic batch survives a batch-2 example; the signature has a -1 batch.
     assert json.loads(mlmodel["signature"]["inputs"])[0]["tensor-spec"]["shape"] == [-1, 64]
 
@@ -147,6 +154,19 @@ def test_load_model_returns_the_raw_chimera_model(logged):
     assert raw.variant.id in info.flavors["chimera"]["variants"]
     assert "chosen:" in raw.explain()
     assert raw.predict(example).shape == (2, 10)
+
+
+def test_model_config_at_log_time_is_the_default_a_loader_can_override(tracking_uri):
+    model, x = models.mlp(), models.examples()["mlp"]
+    info = mlflow.chimera.log_model(model, name="int8-by-default", input_example=x, backends=["onnxruntime"],
+                                    model_config={"precision": "int8"})
+    assert mlflow.chimera.load_model(info.model_uri).variant.precision == "int8"
+    loaded = mlflow.pyfunc.load_model(info.model_uri, model_config={"precision": "fp32"})
+    assert loaded.get_raw_model().variant.precision == "fp32"
+    with pytest.raises(mlflow.exceptions.MlflowException, match=r"model_config keys \['precison'\]"):
+        mlflow.chimera.log_model(model, name="typo", input_example=x, model_config={"precison": "int8"})
+    with pytest.raises(mlflow.exceptions.MlflowException, match="max_abs_err -1 is not a positive number"):
+        mlflow.chimera.log_model(model, name="bad-bound", input_example=x, model_config={"max_abs_err": -1})
 
 
 def test_input_example_is_required(tracking_uri):

@@ -1,8 +1,9 @@
 """A small fork server for builds: ``python -m mlflow_chimera.compile.buildserver``.
 
 It imports torch and ONNX Runtime once, then, for each job line (JSON) it reads on stdin,
-forks a child that runs :func:`mlflow_chimera.compile.worker.run_job` with its output sent to
-the job's log file. It reports on stdout, one line each: ``started <job> <pid>`` and
+forks a child that runs :func:`mlflow_chimera.compile.worker.run_job` (or, for a ``"kind":
+"time"`` line, :func:`~mlflow_chimera.compile.worker.run_timing`) with its output sent to the
+job's log file. It reports on stdout, one line each: ``started <job> <pid>`` and
 ``exited <job> <code>`` (``-N`` for signal N). The parent enforces time limits by killing a
 child's pid.
 
@@ -25,9 +26,12 @@ def _run_child(job: dict) -> None:
     os.dup2(fd, 2)
     code = 0
     try:
-        from mlflow_chimera.compile.worker import BuildJob, run_job
+        from mlflow_chimera.compile import worker
 
-        run_job(BuildJob.from_dict(job["job"]))
+        if job.get("kind") == "time":
+            worker.run_timing(worker.TimingJob.from_dict(job["job"]))
+        else:
+            worker.run_job(worker.BuildJob.from_dict(job["job"]))
     except BaseException:  # noqa: BLE001 - report anything, then exit non-zero
         traceback.print_exc()
         code = 1

@@ -7,9 +7,9 @@ exit status, the tail of its output and its duration are recorded and ``log_mode
 Children are forked by a build server (``compile/buildserver.py``) that has imported torch and
 ONNX Runtime once, so a child starts in milliseconds. Jobs come in groups (one per backend,
 run in order, so that e.g. int8 reuses the fp32 ONNX export on disk); groups run in parallel
-only where the host has room (see :func:`default_parallelism`). Latency is measured by one
-child at a time whatever the parallelism (a lock file), so timings are never taken while
-another build runs.
+only where the host has room (see :func:`default_parallelism`). Latency is measured after
+every build has finished, by one child that times all the variants side by side
+(:func:`run_timing`), so timings are never taken while a build runs.
 """
 
 from __future__ import annotations
@@ -60,8 +60,9 @@ class BuildServer:
     def alive(self) -> bool:
         return self.process.poll() is None
 
-    def submit(self, name: str, job, log_path: Path) -> None:
-        line = json.dumps({"name": name, "log_path": str(log_path), "job": dataclasses.asdict(job)})
+    def submit(self, name: str, job, log_path: Path, kind: str = "build") -> None:
+        line = json.dumps({"name": name, "kind": kind, "log_path": str(log_path),
+                           "job": dataclasses.asdict(job)})
         self.process.stdin.write(line + "\n")
         self.process.stdin.flush()
 
@@ -162,14 +163,43 @@ def _collect(item: _Running) -> Variant:
                                            "wall_seconds": round(time.monotonic() - item.started, 3)}
         variant.save(item.job.out_dir)
         return variant
+    return _failed(item, _exit_words(code))
+
+
+def _exit_words(code: int | None) -> str:
     if code is not None and code < 0:
         try:
-            how = f"killed by signal {signal.Signals(-code).name}"
+            return f"killed by signal {signal.Signals(-code).name}"
         except ValueError:
-            how = f"killed by signal {-code}"
-    else:
-        how = f"exited with status {code}"
-    return _failed(item, how)
+            return f"killed by signal {-code}"
+    return f"exited with status {code}"
+
+
+def run_timing(job, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[dict | None, str | None]:
+    """Run one :class:`~mlflow_chimera.compile.worker.TimingJob` in a child: ``(result,
+    None)``, or ``(None, why there is none)`` when the child died or ran out of time."""
+    server = _build_server()
+    log_path = Path(job.result_path).with_suffix(".log")
+    server.submit("timing", job, log_path, kind="time")
+    started, pid, code, timed_out = time.monotonic(), None, None, False
+    while code is None:
+        for kind, name, value in server.events(timeout=0.05):
+            if name == "timing" and kind == "started":
+                pid = value
+            elif name == "timing":
+                code = value
+        if code is None and pid is not None and not timed_out and time.monotonic() - started > timeout_s:
+            timed_out = True
+            os.kill(pid, signal.SIGKILL)
+    result_path = Path(job.result_path)
+    if code == 0 and result_path.is_file():
+        return json.loads(result_path.read_text(encoding="utf-8")), None
+    how = f"timed out after {timeout_s:g} s and was killed" if timed_out else _exit_words(code)
+    try:
+        tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:]
+    except OSError:
+        tail = []
+    return None, f"the timing process {how}" + (f": {tail[0][:300]}" if tail else "")
 
 
 def _failed(item: _Running, how: str) -> Variant:

@@ -19,8 +19,8 @@ from mlflow_chimera import host as host_mod
 from mlflow_chimera.compile import isolation
 from mlflow_chimera.compile.parity import case_inputs, check_cases, criterion_for, tolerance_for
 from mlflow_chimera.compile.timing import TimingConfig
-from mlflow_chimera.compile.worker import BuildJob, save_checks
-from mlflow_chimera.manifest import FAILED_PARITY, READY, variant_dir
+from mlflow_chimera.compile.worker import BuildJob, TimingJob, save_checks
+from mlflow_chimera.manifest import FAILED_PARITY, READY, Benchmark, variant_dir
 
 _logger = logging.getLogger("mlflow.chimera")
 
@@ -79,6 +79,26 @@ def _static_fallbacks(chosen, variants, precisions, host, example_batch: int, si
     return fallbacks
 
 
+def _time_side_by_side(ready: list, backend_specs: dict, job: TimingJob, timeout_s: float) -> None:
+    """Time the variants that passed parity in one child process, interleaved (see
+    ``worker.run_timing``), and record the figures in each one's ``variant.json``. If that
+    process dies, the variants keep no figures and selection falls back to the default order."""
+    if not ready:
+        return
+    job.variants = [[str(variant_dir(job.model_dir, v.id)), backend_specs.get(v.backend, v.backend)] for v in ready]
+    result, error = isolation.run_timing(job, timeout_s=timeout_s)
+    if result is None:
+        _logger.warning("chimera: no variant was timed: %s", error)
+    for variant in ready:
+        latency = (result or {}).get("latency_ms", {}).get(variant.id)
+        if latency:
+            variant.benchmarks = [Benchmark(job.host_class, latency, result["measured_at"], tool="log_model",
+                                            threads=result["threads"], method="interleaved")]
+        else:
+            variant.provenance["timing_error"] = (result or {}).get("errors", {}).get(variant.id) or error
+        variant.save(variant_dir(job.model_dir, variant.id))
+
+
 def build_variants(
     *,
     model_dir: Path,
@@ -118,11 +138,8 @@ def build_variants(
         common = dict(
             model_dir=str(model_dir), program_path=str(program_path),
             reference_sha256=reference_sha256, signature=signature.to_dict(),
-            checks_dir=str(checks_dir), parity_cases=cases,
-            bench_cases=["batch_1"] + (["example"] if example_batch != 1 else []),
-            example_batch=example_batch,
-            timing=timing, scratch_dir=scratch, bench_lock=str(Path(scratch, "bench.lock")),
-            host=host.to_dict(), host_class=host.host_class,
+            checks_dir=str(checks_dir), parity_cases=cases, example_batch=example_batch,
+            scratch_dir=scratch, host=host.to_dict(), host_class=host.host_class,
             build_threads=0 if parallelism == 1 else max(1, (host.cpu_count or 1) // parallelism),
         )
         def jobs(name, plans):
@@ -140,6 +157,17 @@ def build_variants(
                     _static_fallbacks(chosen, variants, precisions, host, example_batch, signature)]
         if any(fallback):
             variants += run(fallback)
+        _time_side_by_side(
+            [v for v in variants if v.status == READY],
+            {backend.name: name for name, backend in chosen},
+            TimingJob(variants=[], model_dir=str(model_dir), program_path=str(program_path),
+                      reference_sha256=reference_sha256, signature=signature.to_dict(),
+                      checks_dir=str(checks_dir),
+                      bench_cases=["batch_1"] + (["example"] if example_batch != 1 else []),
+                      timing=timing, host_class=host.host_class,
+                      result_path=str(Path(scratch, "timing.json"))),
+            timeout_s=build_timeout or isolation.DEFAULT_TIMEOUT_S,
+        )
     for variant in variants:
         _logger.info("chimera: %s -> %s%s", variant.id, variant.status,
                      f" ({variant.reason})" if variant.reason else "")

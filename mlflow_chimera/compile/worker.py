@@ -1,13 +1,16 @@
-"""What runs inside a build's child process: build → load → parity → benchmark → variant.json.
+"""What runs inside the build's child processes.
+
+* :func:`run_job`: build → load → parity → ``variant.json``, one variant per process.
+* :func:`run_timing`: after every build, one process loads the variants that passed parity
+  and times them interleaved (``compile/timing.py``), so their figures compare like with like.
 
 The parent (``compile/isolation.py``) never loads a freshly built variant itself: a compiler or
-runtime that crashes, hangs or exhausts memory takes down only this process. The parent hands
-over a :class:`BuildJob`; the child writes ``variant.json`` into the variant directory.
+runtime that crashes, hangs or exhausts memory takes down only a child.
 """
 
 from __future__ import annotations
 
-import fcntl
+import json
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,7 +24,6 @@ from mlflow_chimera.manifest import (
     BUILD_FAILED,
     FAILED_PARITY,
     READY,
-    Benchmark,
     Variant,
     digest_tree,
 )
@@ -40,12 +42,9 @@ class BuildJob:
     signature: dict
     checks_dir: str  # <case label>.npz: inputs ("in/<name>") and reference outputs ("out/<i>")
     parity_cases: list  # [{"label", "batch"}] (compile.parity.check_cases)
-    bench_cases: list  # labels of the cases timed, one per batch size
     tolerance: dict
     criterion: str
-    timing: dict
     scratch_dir: str
-    bench_lock: str
     host: dict  # parent's fingerprint, as recorded in provenance
     host_class: str
     example_batch: int
@@ -73,22 +72,10 @@ def load_checks(checks_dir, label: str) -> tuple[dict, list]:
     return inputs, [v for _, v in outs]
 
 
-@contextmanager
-def exclusive(lock_path: str):
-    """Only one process at a time measures latency, even when builds run in parallel."""
-    with open(lock_path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def run_job(job: BuildJob) -> Variant:
-    """Build, check and time one variant; write and return its record."""
+    """Build, load and check one variant; write and return its record."""
     from mlflow_chimera import backends as backend_registry
     from mlflow_chimera.compile.parity import run_parity
-    from mlflow_chimera.compile.timing import TimingConfig, measure
     from mlflow_chimera.reference import Signature, load_program
 
     plan, out_dir = job.plan, Path(job.out_dir)
@@ -134,19 +121,64 @@ def run_job(job: BuildJob) -> Variant:
     variant.status = READY if variant.parity.passed else FAILED_PARITY
     variant.reason = None if variant.parity.passed else variant.parity.reason
 
-    if "error" not in variant.parity.checks[-1]:
-        timing = TimingConfig(**job.timing)
-        latency = {}
-        with exclusive(job.bench_lock):
-            for label in job.bench_cases:
-                inputs, _ = load_checks(job.checks_dir, label)
-                batch = next(iter(inputs.values())).shape[0]
-                latency[str(batch)] = measure(lambda: runner.run(inputs), timing)
-        variant.benchmarks = [Benchmark(job.host_class, latency,
-                                        datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                        tool="log_model")]
     variant.save(out_dir)
     return variant
+
+
+@dataclass
+class TimingJob:
+    """The variants to time side by side (``[[variant dir, backend registry name or
+    "module:Class"]]``), the checks whose inputs are timed (one per batch size), and where the
+    result goes."""
+
+    variants: list
+    model_dir: str
+    program_path: str
+    reference_sha256: str
+    signature: dict
+    checks_dir: str
+    bench_cases: list
+    timing: dict
+    host_class: str
+    result_path: str
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TimingJob":
+        return cls(**d)
+
+
+def run_timing(job: TimingJob) -> dict:
+    """Load every listed variant in this one process, time them interleaved at each batch size
+    with the thread counts pinned, and write ``{"threads", "measured_at", "latency_ms": {id:
+    {batch: figures}}, "errors": {id: why}}`` to ``job.result_path``."""
+    from mlflow_chimera import backends as backend_registry
+    from mlflow_chimera.compile.timing import TimingConfig, measure_interleaved, pin_threads
+    from mlflow_chimera.reference import Signature
+
+    threads = pin_threads()
+    context = LoadContext(model_dir=Path(job.model_dir), signature=Signature.from_dict(job.signature),
+                          reference_sha256=job.reference_sha256, reference_file=Path(job.program_path))
+    runners, errors = {}, {}
+    for out_dir, backend in job.variants:
+        variant = Variant.load(out_dir)
+        try:
+            runners[variant.id] = backend_registry.for_build(backend).load(variant, Path(out_dir), context)
+        except Exception as exc:  # noqa: BLE001 - it loaded in its build process; record why not now
+            errors[variant.id] = f"failed to load for timing: {type(exc).__name__}: {exc}"[:500]
+    calls = {}
+    for label in job.bench_cases:
+        inputs, _ = load_checks(job.checks_dir, label)
+        batch = str(next(iter(inputs.values())).shape[0])
+        for vid, runner in runners.items():
+            calls[(vid, batch)] = lambda run=runner.run, x=inputs: run(x)
+    figures = measure_interleaved(calls, TimingConfig(**job.timing)) if calls else {}
+    latency = {vid: {} for vid in runners}
+    for (vid, batch), stats in figures.items():
+        latency[vid][batch] = stats
+    result = {"threads": threads, "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "latency_ms": latency, "errors": errors}
+    Path(job.result_path).write_text(json.dumps(result), encoding="utf-8")
+    return result
 
 
 @contextmanager
