@@ -426,12 +426,13 @@ def load_model(model_uri: str, dst_path: str | None = None, model_config: dict |
     (default ``$CHIMERA_TRUSTED_KEYS``). See ``trust.py``.
     """
     from mlflow_chimera import runtime
-    from mlflow_chimera.trust import Policy, Source
+    from mlflow_chimera.trust import Policy, requested_source
 
     local_path = _download_artifact_from_uri(artifact_uri=model_uri, output_path=dst_path)
     conf = _get_flavor_configuration(model_path=local_path, flavor_name=FLAVOR_NAME)
     saved = _get_flavor_configuration(model_path=local_path, flavor_name="python_function").get("config")
-    source = Source(None if os.path.isdir(model_uri) else model_uri)
+    # A local directory counts as itself unless CHIMERA_MODEL_URI declares where it came from.
+    source = requested_source(None if os.path.isdir(model_uri) else model_uri)
     return runtime.load(local_path, conf, {**(saved or {}), **(model_config or {})}, source=source,
                         policy=Policy.from_settings(trust, trusted_keys))
 

@@ -42,6 +42,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlflow_chimera import tracking_reads
 from mlflow_chimera.errors import ChimeraError
 from mlflow_chimera.manifest import IntegrityError, check_sha256
 
@@ -231,13 +232,18 @@ class ModelTrust:
 
 def check_model(mlmodel: dict, flavor_conf: dict, source: Source, policy: Policy) -> ModelTrust:
     """Refuse a model reached through a tracking store whose manifest does not match the anchor
-    recorded there; say how a local directory is trusted."""
+    recorded there; say how a local directory is trusted. The tracking store is read once,
+    within a deadline; when it cannot be reached, an anchor this host verified before for the
+    same URI stands in (see :mod:`mlflow_chimera.tracking_reads`)."""
     if not source.tracked:
         how = ("local directory: loaded on its own digests" +
                ("; native code only with a trusted signature" if policy.level == "signed" else ""))
         return ModelTrust(policy, how, anchored=False)
-    model_id = _resolve_model_id(source.uri, mlmodel)
-    tags = _logged_model_tags(model_id)
+    try:
+        model_id, tags = _read_anchor(source.uri, mlmodel)
+        read_from = f"the {ANCHOR_TAG} tag of logged model {model_id}"
+    except tracking_reads.TrackingUnavailable as exc:
+        model_id, tags, read_from = _remembered(source.uri, mlmodel, exc)
     if policy.level == "digests":
         return ModelTrust(policy, f"trust=digests: {source.uri} checked against its own digests only",
                           anchored=False, model_id=model_id, logged_model_tags=tags)
@@ -253,18 +259,41 @@ def check_model(mlmodel: dict, flavor_conf: dict, source: Source, policy: Policy
         raise TrustError(f"{source.uri}: its MLmodel (manifest sha256 {actual[:12]}…) does not match the anchor "
                          f"recorded in the tracking store ({str(anchor)[:12]}…); the artifact store was changed "
                          "after logging — refusing every variant")
-    return ModelTrust(policy, f"anchored: manifest matches the {ANCHOR_TAG} tag of logged model {model_id}",
-                      anchored=True, model_id=model_id, logged_model_tags=tags)
+    if read_from.startswith("the "):
+        tracking_reads.remember_anchor(source.uri, model_id, tags)
+    return ModelTrust(policy, f"anchored: manifest matches {read_from}", anchored=True, model_id=model_id,
+                      logged_model_tags=tags)
 
 
-def _logged_model_tags(model_id: str) -> dict:
+def _read_anchor(uri: str, mlmodel: dict) -> tuple[str, dict]:
+    """(logged model id, its tags) from the tracking store: one bounded read of the registry
+    (for ``models:/``) and one of the logged model."""
     from mlflow.tracking import MlflowClient
 
+    model_id = _resolve_model_id(uri, mlmodel)
     try:
-        return dict(MlflowClient().get_logged_model(model_id).tags)
+        logged = tracking_reads.bounded(lambda: MlflowClient().get_logged_model(model_id),
+                                        f"logged model {model_id}")
+    except tracking_reads.TrackingUnavailable:
+        raise
     except Exception as exc:  # noqa: BLE001 - any failure means: no anchor can be read
         raise TrustError(f"the anchor of logged model {model_id} cannot be read from the tracking store "
                          f"({type(exc).__name__}: {str(exc)[:200]})") from exc
+    if not uri.startswith("models:/"):
+        _check_location(uri, model_id, logged)
+    return model_id, dict(logged.tags)
+
+
+def _remembered(uri: str, mlmodel: dict, why: Exception) -> tuple[str, dict, str]:
+    """The anchor this host read for ``uri`` before, when the tracking store is out of reach."""
+    record = tracking_reads.remembered_anchor(uri)
+    if record is None or record.get("model_id") != mlmodel.get("model_id"):
+        raise TrustError(f"{uri} cannot be checked against its anchor: {why}; and this host has not verified "
+                         "this model before (load it once while the tracking store is reachable, or "
+                         "`chimera prefetch` it)") from why
+    _logger.warning("chimera: %s; using the anchor of %s read at %s", why, uri, record["read_at"])
+    return record["model_id"], record["tags"], (f"the {ANCHOR_TAG} tag of logged model {record['model_id']} "
+                                                f"as read at {record['read_at']} (tracking store unreachable now)")
 
 
 def _resolve_model_id(uri: str, mlmodel: dict) -> str:
@@ -280,14 +309,17 @@ def _resolve_model_id(uri: str, mlmodel: dict) -> str:
         try:
             if "@" in rest:
                 name, alias = rest.split("@", 1)
-                version = client.get_model_version_by_alias(name, alias)
+                version = tracking_reads.bounded(lambda: client.get_model_version_by_alias(name, alias), uri)
             elif "/" in rest:
                 name, number = rest.split("/", 1)
-                version = client.get_model_version(name, number) if number.isdigit() else None
+                version = tracking_reads.bounded(lambda: client.get_model_version(name, number), uri) \
+                    if number.isdigit() else None
             else:
                 version, resolved = None, rest  # models:/<model id>
             if version is not None:
                 resolved = version.model_id or (version.source or "").removeprefix("models:/") or None
+        except tracking_reads.TrackingUnavailable:
+            raise
         except Exception as exc:  # noqa: BLE001
             raise TrustError(f"{uri} cannot be resolved in the tracking store ({type(exc).__name__}: "
                              f"{str(exc)[:200]})") from exc
@@ -295,20 +327,13 @@ def _resolve_model_id(uri: str, mlmodel: dict) -> str:
         if not claimed:
             raise TrustError(f"{uri}: the MLmodel names no logged model, so no anchor can be found")
         resolved = claimed
-        _check_location(uri, resolved)
     if claimed != resolved:
         raise TrustError(f"{uri} is logged model {resolved}, but its MLmodel claims {claimed}")
     return resolved
 
 
-def _check_location(uri: str, model_id: str) -> None:
+def _check_location(uri: str, model_id: str, logged) -> None:
     """For a runs:/ or artifact-store URI: the logged model the MLmodel claims must live there."""
-    from mlflow.tracking import MlflowClient
-
-    try:
-        logged = MlflowClient().get_logged_model(model_id)
-    except Exception as exc:  # noqa: BLE001
-        raise TrustError(f"{uri}: logged model {model_id} cannot be read ({type(exc).__name__})") from exc
     if uri.startswith("runs:/"):
         run_id = uri[len("runs:/"):].split("/", 1)[0]
         if logged.source_run_id != run_id:

@@ -48,6 +48,7 @@ print(json.dumps({{"variant": raw.variant.id, "explain": raw.explain(),
 
 
 def cached_files(cache_dir) -> set:
-    """Names of the payload files in a chimera cache (variant records and their signatures aside)."""
+    """Names of the payload files in a chimera cache (variant records, their signatures and
+    remembered anchors aside)."""
     return {p.name for p in Path(cache_dir).rglob("*")
-            if p.is_file() and p.name not in ("variant.json", "variant.sig")}
+            if p.is_file() and p.name not in ("variant.json", "variant.sig") and p.parent.name != "anchors"}

@@ -449,7 +449,8 @@ def test_store_attacker_native_code_with_rewritten_digests_is_never_fetched(nati
         native_victim.rewrite_chain(compiled[0], "compile_cache.bin", pickle.dumps(_Exploit()))
         with pytest.raises(TrustError, match="does not match the anchor"):
             mlflow.pyfunc.load_model(native_victim.uri, model_config={"variant": compiled[0]})
-    assert not [p for p in Path(os.environ["CHIMERA_CACHE_DIR"]).rglob("*") if p.is_file()]
+    # Nothing fetched (an anchor remembered by an earlier load of the intact model aside).
+    assert not [p for p in Path(os.environ["CHIMERA_CACHE_DIR"]).rglob("*") if p.is_file() and p.parent.name != "anchors"]
 
 
 @pytest.mark.slow
