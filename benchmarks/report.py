@@ -90,7 +90,7 @@ def evaluate_targets(result: dict) -> list:
                      "goal": f"≥ {goal:g}×" if goal else "(no target)", "measured": ratio,
                      "display": f"{_x(ratio)} ({_get(m, 'latency', 'chimera_variant')})",
                      "met": None if goal is None or ratio is None else ratio >= goal})
-        for label, key in (("auto", "selection regret at batch 1 (default pick)"),
+        for label, key in (("auto", "selection regret at batch 1 (opt-in pick, any accuracy)"),
                            ("fp32", "selection regret at batch 1 (fp32 pick)")):
             sel = _get(b1, "selection", label)
             regret = _get(sel, "regret")
@@ -156,8 +156,8 @@ def _latency_table(result: dict, batch: str) -> list:
 
 
 def _auto_table(result: dict) -> list:
-    lines = ["| model | batch | default pick | precision | median / p90 ms | vs pytorch | max abs error vs eager "
-             "(default pick) | (fp32 pick) | (mlflow.pytorch) | (mlflow.onnx) |",
+    lines = ["| model | batch | opt-in pick | precision | median / p90 ms | vs pytorch | max abs error vs eager "
+             "(opt-in pick) | (fp32 pick) | (mlflow.pytorch) | (mlflow.onnx) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in result["models"].items():
         lat = m.get("latency")
@@ -196,7 +196,7 @@ def _overhead_table(result: dict) -> list:
 
 
 def _regret_table(result: dict) -> list:
-    lines = ["| model | batch | raw runner median, ms (every parity-passed variant) | default pick → fastest | "
+    lines = ["| model | batch | raw runner median, ms (every parity-passed variant) | opt-in pick → fastest | "
              "regret | fp32 pick → fastest fp32 | regret (fp32) |",
              "|---|---|---|---|---|---|---|"]
     for name, m in result["models"].items():
@@ -357,7 +357,8 @@ def render(result: dict) -> str:
         out += ["", f"## pyfunc `predict` latency, batch {batch} (ms, median / p90; fp32 variants)", "",
                 "chimera loaded with `model_config={\"precision\": \"fp32\"}`; speed-up = mlflow.pytorch median / "
                 "contender median, [p10–p90 of the per-round ratio].", ""] + _latency_table(result, batch)
-    out += ["", "## chimera's default pick (`model_config` unset; may be int8)", ""] + _auto_table(result)
+    out += ["", "## chimera's opt-in pick (`model_config={\"accuracy\": \"any\"}`; may be int8 or bf16)", ""] + \
+        _auto_table(result)
     out += ["", "## pyfunc overhead", "",
             "Stub runner: the chosen variant's runner replaced by one returning a precomputed output, so only the "
             "layers above it are timed. MLflow's PyFuncModel layer (prediction context, input schema "
@@ -439,7 +440,7 @@ def readme_section(result: dict) -> str:
         "Batch-1 pyfunc `predict`, medians (chimera restricted to fp32 variants):", "",
     ] + lat_lines + ["", "Cold start (fresh process → first prediction, median):", ""] + cold_lines + [
         "", "Targets (reported, not asserted):", ""] + _targets_matrix(result) + [
-        "", "Every table (p90, batch 32, the default int8 picks and their error, overhead breakdown, selection "
+        "", "Every table (p90, batch 32, the opt-in (int8/bf16) picks and their error, overhead breakdown, selection "
         "regret per variant, serving throughput and p50/p99) is in `BENCHMARKS.md`, generated with this "
         "section from `benchmarks/results/results.json` (`python -m benchmarks.run --docs-from "
         "benchmarks/results/results.json`); its last section says why a missed target is missed and what "

@@ -218,8 +218,10 @@ def _fetch_published(vid: str, entry: dict) -> tuple[Variant, Path | None]:
 def _read_tags(model_id: str) -> dict:
     from mlflow.tracking import MlflowClient
 
+    from mlflow_chimera.tracking_reads import bounded
+
     try:
-        return dict(MlflowClient().get_logged_model(model_id).tags)
+        return dict(bounded(lambda: MlflowClient().get_logged_model(model_id), f"logged model {model_id}").tags)
     except Exception as exc:  # noqa: BLE001 - published variants are an addition, never a must
         _logger.warning("chimera: published variants of %s not read: %s: %s", model_id, type(exc).__name__, exc)
         return {}
@@ -228,8 +230,7 @@ def _read_tags(model_id: str) -> dict:
 def _merge_host_benchmarks(variants: list, model_dir: Path, model_trust: trust_mod.ModelTrust, local: bool) -> None:
     """Add host benchmarks stored after logging, where trust lets them steer ranking. Per batch
     size, a stored figure replaces the one recorded earlier for the same host class."""
-    from mlflow_chimera.host_benchmark import BENCHMARKS_DIR
-    from mlflow_chimera.manifest import Benchmark
+    from mlflow_chimera.manifest import BENCHMARKS_DIR, Benchmark
 
     for path in sorted(Path(model_dir, BENCHMARKS_DIR).glob("*.json")):
         try:

@@ -20,7 +20,7 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-BENCHMARKS_DIR = "benchmarks"
+from mlflow_chimera.manifest import BENCHMARKS_DIR
 
 
 def benchmark_file(model_dir, host_class: str) -> Path:

@@ -29,6 +29,7 @@ CHECK_INPUTS = "reference/check_inputs.npz"
 CHECK_OUTPUTS = "reference/check_outputs.npz"
 VARIANTS_DIR = "variants"
 VARIANT_FILE = "variant.json"
+BENCHMARKS_DIR = "benchmarks"  # <host class>.json: figures stored after logging (host_benchmark.py)
 
 # Variant status values.
 READY = "ready"
