@@ -1,6 +1,7 @@
 """A small fork server for builds: ``python -m mlflow_chimera.compile.buildserver``.
 
-It imports torch and ONNX Runtime once, then, for each job line (JSON) it reads on stdin,
+It imports torch, ONNX Runtime and onnx once, and loads each model's reference program once
+(children inherit both); then, for each job line (JSON) it reads on stdin,
 forks a child that runs :func:`mlflow_chimera.compile.worker.run_job` (or, for a ``"kind":
 "time"`` line, :func:`~mlflow_chimera.compile.worker.run_timing`) with its output sent to the
 job's log file. It reports on stdout, one line each: ``started <job> <pid>`` and
@@ -54,13 +55,27 @@ def _reap(children: dict, out) -> None:
         out.flush()
 
 
+def _preload(job: dict) -> None:
+    """Load the job's reference program here, once per model, so that every child inherits it.
+    A program that fails to load is left for the child to load, which records the error."""
+    spec = job.get("job") or {}
+    if job.get("kind", "build") == "build" and spec.get("program_path") and spec.get("reference_sha256"):
+        from mlflow_chimera.compile import worker
+
+        try:
+            worker.preload_program(spec["program_path"], spec["reference_sha256"])
+        except Exception:  # noqa: BLE001 - the child meets the same error and reports it
+            pass
+
+
 def main() -> None:
     import torch  # noqa: F401  (imported once here, inherited by every child)
 
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        pass
+    for optional in ("onnxruntime", "onnx"):  # imported once here too, where installed
+        try:
+            __import__(optional)
+        except ImportError:
+            pass
     import mlflow_chimera.compile.worker  # noqa: F401
 
     out = sys.stdout
@@ -76,6 +91,7 @@ def main() -> None:
                     stdin_open = False
                 elif line.strip():
                     job = json.loads(line)
+                    _preload(job)
                     pid = os.fork()
                     if pid == 0:
                         _run_child(job)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import json
+import logging
 import os
 import select
 import shutil
@@ -29,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlflow_chimera.manifest import BUILD_FAILED, VARIANT_FILE, Variant
+
+_logger = logging.getLogger("mlflow.chimera")
 
 DEFAULT_TIMEOUT_S = 900.0
 _OUTPUT_TAIL = 4000
@@ -118,11 +121,12 @@ def run_groups(groups: list, timeout_s: float = DEFAULT_TIMEOUT_S, parallelism: 
     parallelism = parallelism or default_parallelism()
     lanes = [deque(group) for group in groups]
     order = [job for group in groups for job in group]
+    say = _Progress(len(order), progress)
     active, results = {}, {}  # lane index -> _Running; id(job) -> Variant
     while any(lanes) or active:
         for i, lane in enumerate(lanes):
             if lane and i not in active and len(active) < parallelism:
-                active[i] = _start(server, lane.popleft(), progress)
+                active[i] = _start(server, lane.popleft(), say)
         by_name = {item.job.plan.id: item for item in active.values()}
         for kind, name, value in server.events(timeout=0.05):
             if kind == "started":
@@ -141,15 +145,36 @@ def run_groups(groups: list, timeout_s: float = DEFAULT_TIMEOUT_S, parallelism: 
                 results[id(item.job)] = _failed(item, f"timed out after {timeout_s:g} s and was killed")
             else:
                 results[id(item.job)] = _collect(item)
+            say.finished(results[id(item.job)], time.monotonic() - item.started)
             del active[i]
     return [results[id(job)] for job in order]
 
 
-def _start(server: BuildServer, job, progress) -> _Running:
+class _Progress:
+    """One line per variant as its build starts and as it ends (with its outcome and elapsed
+    time), on MLflow's logger and to the caller's ``progress`` callback (the CLI's stderr)."""
+
+    def __init__(self, total: int, callback=None):
+        self.total, self.done, self.callback = total, 0, callback
+
+    def _say(self, message: str) -> None:
+        _logger.info("chimera: %s", message)
+        if self.callback:
+            self.callback(message)
+
+    def started(self, variant_id: str) -> None:
+        self._say(f"[{self.done + 1}/{self.total}] building {variant_id}")
+
+    def finished(self, variant: Variant, seconds: float) -> None:
+        self.done += 1
+        why = f": {variant.reason[:160]}" if variant.reason else ""
+        self._say(f"[{self.done}/{self.total}] {variant.id} {variant.status} after {seconds:.1f} s{why}")
+
+
+def _start(server: BuildServer, job, say: _Progress) -> _Running:
     Path(job.out_dir).mkdir(parents=True, exist_ok=True)
     log_path = Path(job.scratch_dir, f"{job.plan.id}.log")
-    if progress:
-        progress(f"building {job.plan.id}")
+    say.started(job.plan.id)
     server.submit(job.plan.id, job, log_path)
     return _Running(job, log_path, time.monotonic())
 

@@ -86,6 +86,8 @@ def _time_side_by_side(ready: list, backend_specs: dict, job: TimingJob, timeout
     if not ready:
         return
     job.variants = [[str(variant_dir(job.model_dir, v.id)), backend_specs.get(v.backend, v.backend)] for v in ready]
+    _logger.info("chimera: timing %d variant(s) side by side at batch sizes %s", len(ready),
+                 ", ".join(c.replace("batch_", "") for c in job.bench_cases))
     result, error = isolation.run_timing(job, timeout_s=timeout_s)
     if result is None:
         _logger.warning("chimera: no variant was timed: %s", error)
@@ -168,7 +170,4 @@ def build_variants(
                       result_path=str(Path(scratch, "timing.json"))),
             timeout_s=build_timeout or isolation.DEFAULT_TIMEOUT_S,
         )
-    for variant in variants:
-        _logger.info("chimera: %s -> %s%s", variant.id, variant.status,
-                     f" ({variant.reason})" if variant.reason else "")
     return variants, skipped
