@@ -123,7 +123,8 @@ def read_catalog(model_dir, flavor_conf: dict, policy: trust_mod.Policy | None =
     run_id = mlmodel.get("run_id")
     context = LoadContext(model_dir=model_dir, signature=Signature.from_dict(flavor_conf["signature"]),
                           reference_sha256=trust_mod.check_sha(flavor_conf["reference"]["sha256"], "reference sha256"),
-                          reference_uri=_reference_uri(flavor_conf, run_id))
+                          reference_uri=_reference_uri(flavor_conf, run_id),
+                          reference_size=flavor_conf["reference"].get("size_bytes"))
     variants, refused, how = [], {}, {}
     for vid, entry in flavor_conf["variants"].items():
         try:

@@ -5,6 +5,7 @@
     chimera doctor                          what this host can build and run
     chimera bench models:/clf/3             time the variants here; store the figures
     chimera compile models:/clf/3 ...       build variants on this host and publish them
+    chimera prefetch models:/clf@prod       fill the local cache with what this host loads
 
 ``MODEL_URI`` is anything MLflow resolves (``models:/name/version``, ``models:/name@alias``,
 ``models:/m-<id>``, ``runs:/<run id>/<path>``) or a local model directory. The tracking server
@@ -33,8 +34,8 @@ from mlflow_chimera import __version__
 
 RANK_BATCH = 1  # the batch size the variant table and selection compare at
 _URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
-_LIBRARIES = ("torch", "onnxruntime", "onnxruntime-gpu", "onnx", "onnxscript", "tensorrt", "mlflow",
-              "numpy")
+_LIBRARIES = ("torch", "onnxruntime", "onnxruntime-gpu", "onnx", "onnxscript", "openvino", "tensorrt",
+              "mlflow", "numpy")
 _TENSORRT_DISTS = ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt-libs")
 # Failures that are the user's situation (bad URI, missing model, unbuildable backend, …): one
 # line on stderr and exit status 1. Anything else is a bug and keeps its traceback.
@@ -627,6 +628,88 @@ def compile_(model_uri, backends, precisions, signing_key, as_json):
                                                             if published else ""))
     if result.get("run_id"):
         click.echo(f"files: artifacts of run {result['run_id']}")
+
+
+# -- chimera prefetch --------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("model_uri")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="The cache to fill (default: $CHIMERA_CACHE_DIR, else ~/.cache/mlflow-chimera).")
+@click.option("--all", "everything", is_flag=True,
+              help="Every ready variant that can run on this host, not only the one it loads.")
+@_json_option
+def prefetch(model_uri, cache_dir, everything, as_json):
+    """Fill the local cache with what this host loads for MODEL_URI, verified: e.g. while
+    building an image whose root file system is read-only when it serves.
+
+    Runs the loader's own selection and fetches the variant it chooses and, where that
+    variant's backend needs it, the reference program. With --all, also every other ready
+    variant that can run here (lossy precisions included). Serving hosts then read the cache
+    (CHIMERA_CACHE_DIR, read-only is fine) without fetching."""
+    from mlflow_chimera import cache, runtime
+
+    if cache_dir:
+        os.environ[cache.CACHE_ENV] = os.path.abspath(cache_dir)
+    root = cache.cache_root()
+    why = cache.unwritable_reason(root)
+    if why:
+        raise OSError(f"cannot prefetch into {root}: {why}")
+    with _local_model(model_uri) as model_dir, cache.recorded() as seen:
+        _, conf = _read_mlmodel(model_dir, model_uri)
+        loaded, not_fetched = _prefetch(model_dir, conf, model_uri, everything)
+    names = {}  # variants with the same files share one entry
+    for v in loaded.variants:
+        names[v.content_key()] = f"{names[v.content_key()]}, {v.id}" if v.content_key() in names else v.id
+    entries = [{"what": names.get(path.name, path.name) if kind == "variants" else _ENTRY_WORDS.get(kind, kind),
+                "path": str(path), "fetched": fetched, "bytes": _entry_bytes(path)}
+               for kind, path, fetched in seen]
+    outside = [e["path"] for e in entries if not Path(e["path"]).is_relative_to(root)]
+    if outside:
+        raise OSError(f"{root} stopped being writable while prefetching; {outside[0]} went elsewhere")
+    if as_json:
+        _emit_json({"model_uri": model_uri, "cache_dir": str(root), "loads": loaded.variant.id,
+                    "entries": entries, "not_fetched": not_fetched})
+        return
+    click.echo(f"cache: {root}")
+    click.echo(_table(["entry", "status", "size", "path"],
+                      [[e["what"], "fetched" if e["fetched"] else "already there", _bytes(e["bytes"]),
+                        os.path.relpath(e["path"], root)] for e in entries]))
+    if not_fetched:
+        click.echo("\nnot fetched:\n" + "\n".join(f"  {vid}: {why}" for vid, why in not_fetched.items()))
+    click.echo(f"\nthis host loads: {loaded.variant.id}; serve with {cache.CACHE_ENV}={root} (read-only is fine)")
+
+
+_ENTRY_WORDS = {"reference": "reference program", "variant-records": "published variant record"}
+
+
+def _prefetch(model_dir: Path, conf: dict, model_uri: str, everything: bool) -> tuple:
+    """(the model as this host loads it, {variant id: why not fetched}). Loading fetches what
+    it needs into the cache; ``everything`` loads each other runnable ready variant too."""
+    from mlflow_chimera import host as host_mod
+    from mlflow_chimera import runtime
+    from mlflow_chimera import trust as trust_mod
+    from mlflow_chimera.selection import rank
+
+    source = None if os.path.isdir(model_uri) else trust_mod.requested_source(model_uri)
+    model = runtime.load(model_dir, conf, source=source)
+    not_fetched = {}
+    if everything:
+        others = [c.variant.id for c in rank(model.variants, host_mod.fingerprint(), {"accuracy": "any"}).candidates
+                  if c.variant.id != model.variant.id]
+        for vid in others:
+            try:
+                runtime.load(model_dir, conf, {"variant": vid}, source=source)
+            except runtime.LOAD_FAILURES as exc:
+                attempts = getattr(getattr(exc, "decision", None), "attempts", None)
+                not_fetched[vid] = attempts[-1][1] if attempts else _one_line(exc)
+    return model, not_fetched
+
+
+def _entry_bytes(path: Path) -> int:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files)
 
 
 if __name__ == "__main__":  # python -m mlflow_chimera.cli

@@ -12,6 +12,7 @@ from mlflow.exceptions import MlflowException
 from mlflow_chimera import backends as backend_registry
 from mlflow_chimera import host as host_mod
 from mlflow_chimera.backends.base import LoadContext
+from mlflow_chimera.cache import CACHE_ENV, CacheError, CacheSpaceError, fetch_dir
 from mlflow_chimera import trust as trust_mod
 from mlflow_chimera.catalog import read_catalog, verify_checks
 from mlflow_chimera.compile.parity import compare_outputs, tolerance_for
@@ -182,6 +183,7 @@ def load(model_dir, flavor_conf: dict, model_config: dict | None = None, source=
     variants, context = catalog.variants, catalog.context
     decision = rank(variants, host_mod.fingerprint(), model_config, refused=catalog.refused,
                     trust=catalog.trust.how)
+    cache_errors = []
     for candidate in decision.candidates:
         variant = candidate.variant
         try:
@@ -190,15 +192,35 @@ def load(model_dir, flavor_conf: dict, model_config: dict | None = None, source=
             error = f"{type(exc).__name__}: {exc}"
             _logger.warning("chimera: skipping variant %s: %s", variant.id, error)
             decision.attempts.append((variant.id, error))
+            if isinstance(exc, CacheError):
+                cache_errors.append(exc)
             continue
         decision.chosen = variant
         _logger.info("chimera: loaded variant %s (%s)", variant.id, catalog.how_trusted.get(variant.id, ""))
         return ChimeraModel(variant, runner, context.signature, decision, variants)
-    raise NoVariantError("no variant of this model can run on this host.\n" + decision.explain())
+    raise NoVariantError(f"no variant of this model can run on this host{_cache_cause(cache_errors)}.\n"
+                         + decision.explain(), decision)
+
+
+def _cache_cause(errors: list) -> str:
+    """': <the local disk's problem>' when candidates failed for want of cache space or a
+    writable cache directory: that, not the variants, is what an operator has to fix."""
+    space = [e for e in errors if isinstance(e, CacheSpaceError)]
+    if space:
+        least = min(space, key=lambda e: (e.needed is None, e.needed))
+        need = "" if least.needed is None else f"; the smallest variant tried needs {least.needed} bytes"
+        return (f": the cache directory {least.directory} is too full ({least.free} bytes free{need}); "
+                f"free space there or set {CACHE_ENV} to a larger volume")
+    return f": {errors[0]}" if errors else ""
 
 
 class NoVariantError(RuntimeError):
-    """No variant of the model could be loaded here; the message is the full explanation."""
+    """No variant of the model could be loaded here; the message is the full explanation,
+    ``decision`` the ranking and what each attempt raised."""
+
+    def __init__(self, message: str, decision: Decision | None = None):
+        super().__init__(message)
+        self.decision = decision
 
 
 # What a failed candidate may raise: integrity and trust refusals, a store or disk that fails,
@@ -212,9 +234,8 @@ def local_variant_dir(variant: Variant, model_dir: Path) -> Path:
     model), else fetched from artifact storage into the local cache (a logged model)."""
     vdir = variant_dir(model_dir, variant.id)
     if variant.location and not all(Path(vdir, rel).is_file() for rel in variant.files):
-        from mlflow_chimera.cache import fetch_dir
-
-        return fetch_dir(variant.location, variant.content_key(), variant.files)
+        return fetch_dir(variant.location, variant.content_key(), variant.files,
+                         size=variant.provenance.get("size_bytes"))
     verify_digests(vdir, variant.files)
     return vdir
 

@@ -8,6 +8,7 @@ talks to the tracking server.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -54,6 +55,7 @@ class LoadContext:
     reference_sha256: str
     reference_uri: str | None = None  # where the program lives when not in model_dir
     reference_file: Path | None = None  # a local copy already at hand (builds)
+    reference_size: int | None = None  # bytes, as recorded: checked against the cache's free space
 
     def reference_path(self) -> Path:
         from mlflow_chimera.manifest import REFERENCE_PROGRAM
@@ -65,7 +67,7 @@ class LoadContext:
             return local
         from mlflow_chimera.cache import fetch_file
 
-        return fetch_file(self.reference_uri, self.reference_sha256, local.name)
+        return fetch_file(self.reference_uri, self.reference_sha256, local.name, size=self.reference_size)
 
 
 class Runner(Protocol):
@@ -119,3 +121,13 @@ def pin_requirement(package: str) -> str:
 
     version = installed_version(package)
     return f"{package}=={version.split('+')[0]}" if version else package
+
+
+def version_tuple(version: str) -> tuple:
+    """"1.20.1" -> (1, 20, 1); "2026.4.1-22982-e213a14" -> (2026, 4, 1): the leading digits of
+    the first three parts, for comparing runtime versions."""
+    out = []
+    for part in version.split("+")[0].split(".")[:3]:
+        digits = re.match(r"\d*", part).group()
+        out.append(int(digits) if digits else 0)
+    return tuple(out)

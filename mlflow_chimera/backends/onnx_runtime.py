@@ -23,6 +23,7 @@ from mlflow_chimera.backends.base import (
     listed_file,
     major_minor,
     pin_requirement,
+    version_tuple,
 )
 
 _logger = logging.getLogger("mlflow.chimera")
@@ -161,7 +162,7 @@ class OnnxRuntimeBackend:
         if not installed:
             return "onnxruntime is not installed on this host"
         built_with = variant.requirements.get("packages", {}).get("onnxruntime")
-        if built_with and _version_tuple(installed) < _version_tuple(built_with):
+        if built_with and version_tuple(installed) < version_tuple(built_with):
             return (f"onnxruntime {installed} is older than {built_with}, which built and "
                     f"validated this variant (opset {variant.provenance.get('opset')})")
         return None
@@ -224,14 +225,6 @@ def check_precision_claim(precision: str, model_bytes: bytes, variant_id: str) -
     if found:
         raise RuntimeError(f"{variant_id} claims {precision}, but its graph has quantisation operators "
                            f"({', '.join(found)}): it is an int8 model")
-
-
-def _version_tuple(version: str) -> tuple:
-    out = []
-    for part in version.split("+")[0].split(".")[:3]:
-        digits = "".join(ch for ch in part if ch.isdigit())
-        out.append(int(digits) if digits else 0)
-    return tuple(out)
 
 
 def _export(context: BuildContext, path: Path, batch: int | None = None) -> dict:

@@ -62,9 +62,9 @@ def _private_inductor_cache(key: str):
     """Inductor's cache directory pointed at a private one while the shipped cache is loaded and
     the model compiled, so its entries never land in the host-wide Inductor cache, where later,
     unrelated processes would load them."""
-    from mlflow_chimera.cache import cache_root
+    from mlflow_chimera.cache import writable_root
 
-    folder = Path(cache_root(), "inductor", key[:32], f"{os.getpid()}-{threading.get_ident()}")
+    folder = Path(writable_root(), "inductor", key[:32], f"{os.getpid()}-{threading.get_ident()}")
     folder.mkdir(parents=True, exist_ok=True)
     before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
