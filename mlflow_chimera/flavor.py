@@ -125,7 +125,8 @@ def save_model(
             (named inputs). It fixes the non-batch shapes and dtypes; the batch stays dynamic.
         signature: an MLflow signature; by default one is derived from the captured model.
         backends: backends to build (default: every backend this host can build).
-        precisions: precisions to build (default ``("fp32", "int8")``).
+        precisions: precisions to build (default ``("fp32", "bf16", "int8")``; bf16 only by
+            backends that have it, on CPUs with native bf16).
         tolerances: parity tolerances per precision, e.g. ``{"fp32": {"atol": 1e-5}}``.
         benchmark: timing options (see ``compile.timing.TimingConfig``), e.g. ``{"max_seconds": 0.5}``.
         build_timeout: seconds each variant's build (in its own process) may take before it is

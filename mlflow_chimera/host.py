@@ -26,7 +26,7 @@ _INTERESTING_FLAGS = set(_X86_ISA_LEVELS) | {
     "fma", "f16c", "avx512bw", "avx512vl", "avx512dq", "avx_vnni", "avx512_fp16", "amx_bf16",
     "amx_int8", "neon", "asimd", "sve", "sve2", "bf16", "i8mm",
 }
-_RUNTIME_PACKAGES = ("torch", "onnxruntime", "onnxruntime-gpu", "tensorrt", "mlflow", "numpy")
+_RUNTIME_PACKAGES = ("torch", "onnxruntime", "onnxruntime-gpu", "openvino", "tensorrt", "mlflow", "numpy")
 
 
 @dataclass(frozen=True)

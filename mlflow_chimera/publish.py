@@ -73,7 +73,8 @@ def compile_model(model_uri: str, backends=None, precisions=None, tolerances: di
     from mlflow_chimera import host as host_mod
     from mlflow_chimera.backends.base import LoadContext
     from mlflow_chimera.backends.torch_runner import TorchRunner
-    from mlflow_chimera.compile.pipeline import build_variants, check_request, resolve_backends
+    from mlflow_chimera.compile.pipeline import (DEFAULT_PRECISIONS, build_variants, check_request,
+                                                 resolve_backends)
     from mlflow_chimera.manifest import CHECK_INPUTS, REFERENCE_PROGRAM
     from mlflow_chimera.reference import Signature, load_program
     from mlflow_chimera.signing import signing_key
@@ -87,7 +88,7 @@ def compile_model(model_uri: str, backends=None, precisions=None, tolerances: di
     existing = set(conf["variants"]) | set(published_entries(logged_model.tags)[0])
     host = host_mod.fingerprint()
     chosen, _ = resolve_backends(backends)
-    wanted = [plan.id for _, backend in chosen for plan in backend.plan(list(precisions or ("fp32", "int8")), host)]
+    wanted = [plan.id for _, backend in chosen for plan in backend.plan(list(precisions or DEFAULT_PRECISIONS), host)]
     skipped = {vid: "already in the model" for vid in wanted if vid in existing and not force}
     if len(skipped) == len(wanted):
         return {"model_id": model_id, "run_id": None, "host_class": host.host_class,

@@ -555,7 +555,7 @@ def built_with(facts: ModelFacts) -> str:
     packages = {}
     for v in facts.variants:
         for name, version in ((v.provenance.get("build_host") or {}).get("packages") or {}).items():
-            if name in ("torch", "onnxruntime", "onnxruntime-gpu", "tensorrt"):
+            if name in ("torch", "onnxruntime", "onnxruntime-gpu", "openvino", "tensorrt"):
                 packages.setdefault(name, set()).add(version)
     tools = [f"{n} {'/'.join(sorted(vs))}" for n, vs in sorted(packages.items())]
     return ", ".join(tools + [f"mlflow-chimera {facts.chimera_version}"])

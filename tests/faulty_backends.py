@@ -11,6 +11,7 @@ import time
 from mlflow_chimera.backends.base import VariantPlan
 from mlflow_chimera.backends.eager import EagerBackend
 from mlflow_chimera.backends.onnx_runtime import OnnxRuntimeBackend
+from mlflow_chimera.backends.openvino_backend import OpenVINOBackend
 
 
 class _OnePlan(EagerBackend):
@@ -69,3 +70,23 @@ class DynamoFailsOnnxRuntime(OnnxRuntimeBackend):
             return super().build(plan, out_dir, context)
         finally:
             torch.onnx.export = real_export
+
+
+class DirectConversionFailsOpenVINO(OpenVINOBackend):
+    """OpenVINO whose ExportedProgram conversion fails, so the ONNX route runs for real."""
+
+    def build(self, plan, out_dir, context):
+        import openvino
+
+        real_convert = openvino.convert_model
+
+        def program_fails(model, *args, **kwargs):
+            if not isinstance(model, (str, os.PathLike)):
+                raise RuntimeError("simulated ExportedProgram conversion failure")
+            return real_convert(model, *args, **kwargs)
+
+        openvino.convert_model = program_fails
+        try:
+            return super().build(plan, out_dir, context)
+        finally:
+            openvino.convert_model = real_convert

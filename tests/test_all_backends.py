@@ -1,5 +1,6 @@
-"""Every backend this CPU host can build — ONNX Runtime fp32/int8, AOTInductor, torch.compile
-and eager — built, parity-gated, benchmarked and ranked together; host-specific compatibility."""
+"""Every backend this CPU host can build — ONNX Runtime fp32/int8, OpenVINO, AOTInductor,
+torch.compile and eager — built, parity-gated, benchmarked and ranked together; host-specific
+compatibility."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from mlflow_chimera import host as host_mod
 from mlflow_chimera.runtime import read_variants
 from mlflow_chimera.selection import rank
 
-EXPECTED_BACKENDS = {"onnxruntime", "aotinductor", "torch_compile", "eager"}
+EXPECTED_BACKENDS = {"onnxruntime", "openvino", "aotinductor", "torch_compile", "eager"}
 
 
 @pytest.fixture(scope="module", params=["mlp", "cnn", "transformer"])

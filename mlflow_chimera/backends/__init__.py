@@ -18,6 +18,7 @@ ENTRY_POINT_GROUP = "mlflow_chimera.backends"
 # name -> "module:Class". The order is the default preference when nothing was measured.
 _BUILTIN = {
     "onnxruntime": "mlflow_chimera.backends.onnx_runtime:OnnxRuntimeBackend",
+    "openvino": "mlflow_chimera.backends.openvino_backend:OpenVINOBackend",
     "aotinductor": "mlflow_chimera.backends.aotinductor:AOTInductorBackend",
     "torch_compile": "mlflow_chimera.backends.torch_compile:TorchCompileBackend",
     "eager": "mlflow_chimera.backends.eager:EagerBackend",

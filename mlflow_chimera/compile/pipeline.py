@@ -24,7 +24,8 @@ from mlflow_chimera.manifest import FAILED_PARITY, READY, Benchmark, variant_dir
 
 _logger = logging.getLogger("mlflow.chimera")
 
-DEFAULT_PRECISIONS = ("fp32", "int8")
+# bf16 is built only by backends that have it, and only where the CPU runs it natively.
+DEFAULT_PRECISIONS = ("fp32", "bf16", "int8")
 KNOWN_PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
