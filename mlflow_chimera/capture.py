@@ -177,6 +177,15 @@ def _output_shapes(program, outputs: list) -> list:
     return shapes
 
 
+def _bound(value, default: int) -> int:
+    """A range bound as an int; ``default`` for an unbounded one (torch's ``int_oo`` claims to be
+    finite, and ``int()`` of it fails inside sympy)."""
+    try:
+        return int(value)
+    except (TypeError, ValueError, AttributeError, OverflowError):
+        return default
+
+
 def _axis_ranges(program, labels: dict) -> dict:
     """{label: [min, max]} of every dynamic axis besides the batch, as the export found them."""
     placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
@@ -188,8 +197,8 @@ def _axis_ranges(program, labels: dict) -> dict:
             if axis == 0 or axis >= len(shape) or isinstance(shape[axis], int):
                 continue
             bounds = program.range_constraints.get(shape[axis].node.expr)
-            lower = int(bounds.lower) if bounds is not None else 2
-            upper = int(bounds.upper) if bounds is not None and bounds.upper.is_finite else MAX_BATCH
+            lower = _bound(bounds.lower, 2) if bounds is not None else 2
+            upper = _bound(bounds.upper, MAX_BATCH) if bounds is not None else MAX_BATCH
             previous = ranges.get(label, [lower, upper])
             ranges[label] = [max(lower, previous[0]), min(upper, previous[1])]
     return ranges

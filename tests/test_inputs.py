@@ -90,3 +90,25 @@ def test_predict_is_safe_from_many_threads(mlp, two):
         results = list(pool.map(loaded.predict, batches))
     for got, want in zip(results, expected):
         np.testing.assert_array_equal(got, want)
+
+
+def test_a_dynamic_axis_without_an_upper_bound_is_captured():
+    """A model whose sequence length has no limit (no position table): torch.export reports the
+    axis as unbounded (``int_oo``), which capture used to fail on for every backend."""
+    import torch
+
+    from mlflow_chimera.capture import capture
+    from mlflow_chimera.reference import MAX_BATCH
+
+    class MeanEmbedding(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(100, 8)
+
+        def forward(self, input_ids):
+            return self.embed(input_ids).mean(1)
+
+    ids = np.random.default_rng(0).integers(0, 100, (2, 7)).astype(np.int64)
+    captured = capture(MeanEmbedding().eval(), {"input_ids": ids}, {"input_ids": {1: "sequence"}})
+    assert captured.signature.axis_ranges == {"sequence": [2, MAX_BATCH]}
+    assert captured.signature.dynamic_axes == {"input_ids": {"1": "sequence"}}
