@@ -107,3 +107,27 @@ def test_a_remembered_anchor_does_not_cover_a_changed_model(verified, monkeypatc
     monkeypatch.setenv("CHIMERA_MODEL_URI", uri)
     with pytest.raises(TrustError, match="does not match the anchor"):
         mlflow.chimera.load_model(str(changed))
+
+
+@pytest.mark.serve
+@pytest.mark.slow
+def test_models_serve_of_a_verified_copy_with_the_tracking_store_down(verified, own_cache):
+    """The README's air-gapped recipe: a downloaded copy served with CHIMERA_OFFLINE=1 and
+    CHIMERA_MODEL_URI, the tracking URI pointing at nothing."""
+    import sys
+
+    import requests
+
+    import servers
+
+    uri, local, example, expected = verified
+    env = servers.venv_env({"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}", "CHIMERA_OFFLINE": "1",
+                            "CHIMERA_MODEL_URI": uri, "CHIMERA_CACHE_DIR": str(own_cache)})
+    port = free_port()
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(local), "--env-manager", "local",
+           "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
+    with servers.running(cmd, port, "/ping", env, "mlflow models serve", timeout=120) as server:
+        resp = requests.post(f"{server.url}/invocations", json={"inputs": example.tolist()}, timeout=30)
+        assert resp.status_code == 200, server.output()
+        np.testing.assert_allclose(np.asarray(resp.json()["predictions"]), expected, atol=1e-4)
+        assert "tracking store unreachable now" in server.output(), server.output()[-3000:]
