@@ -29,12 +29,16 @@ from mlflow.utils.environment import (
     _CONSTRAINTS_FILE_NAME,
     _PYTHON_ENV_FILE_NAME,
     _REQUIREMENTS_FILE_NAME,
+    _process_conda_env,
     _process_pip_requirements,
     _PythonEnv,
+    _validate_env_arguments,
 )
 from mlflow.utils.file_utils import write_to
 from mlflow.utils.model_utils import (
+    _copy_extra_files,
     _get_flavor_configuration,
+    _validate_and_copy_code_paths,
     _validate_and_prepare_target_save_path,
 )
 
@@ -112,6 +116,9 @@ def save_model(
     dynamic_shapes: dict | None = None,
     signing_key_path: str | None = None,
     model_config: dict | None = None,
+    conda_env=None,
+    code_paths: list | None = None,
+    extra_files: list | None = None,
     _payload_run_id: str | None = None,
     **kwargs,
 ):
@@ -140,6 +147,10 @@ def save_model(
             ``model_config`` overrides key by key — e.g. ``{"precision": "bf16"}`` or
             ``{"max_abs_err": 1e-2}`` to serve a faster lossy variant by default (see
             :mod:`mlflow_chimera.selection`).
+        conda_env, code_paths, extra_files: as in MLflow's own flavors (``conda_env`` instead of
+            ``pip_requirements``; ``code_paths`` are added to ``sys.path`` when the pyfunc loads;
+            ``extra_files`` are stored under ``extra_files/``). Their sha256 digests are part of
+            the manifest that the ``chimera.anchor`` tag pins.
 
     Raises:
         CaptureError: the model cannot be captured, or its eager outputs cannot be served (NaN,
@@ -152,6 +163,13 @@ def save_model(
             "model is captured with (torch.export) and checked at.",
             error_code=INVALID_PARAMETER_VALUE,
         )
+    if kwargs:
+        raise MlflowException(f"mlflow.chimera.save_model got unexpected keyword argument(s) {sorted(kwargs)}",
+                              error_code=INVALID_PARAMETER_VALUE)
+    try:
+        _validate_env_arguments(conda_env, pip_requirements, extra_pip_requirements)
+    except ValueError as exc:
+        raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from exc
     check_request(backends, precisions)
     pyfunc_config = _default_model_config(precisions, model_config)
     path = os.path.abspath(path)
@@ -187,6 +205,8 @@ def save_model(
     key = signing_key(signing_key_path)
     if key is not None:
         _sign_variants(Path(path), variants, key, reference_sha256, checks, sig)
+    code_dir = _validate_and_copy_code_paths(code_paths, path)
+    attached = _copy_extra_files(extra_files, path)
     mlflow_model.add_flavor(
         FLAVOR_NAME,
         chimera_version=mlflow_chimera.__version__,
@@ -208,10 +228,14 @@ def save_model(
         skipped_backends=skipped,
         dropped_outputs=captured.dropped_outputs,
         capture_switches=captured.constants,
+        code=code_dir,
+        attached_files=_digests(path, [code_dir] + [f["path"] for f in attached.get("extra_files", [])]),
+        **attached,
     )
     mlflow.pyfunc.add_to_model(
         mlflow_model,
         loader_module="mlflow_chimera",
+        code=code_dir,
         model_config=pyfunc_config,
         conda_env=_CONDA_ENV_FILE_NAME,
         python_env=_PYTHON_ENV_FILE_NAME,
@@ -222,7 +246,7 @@ def save_model(
         mlflow_model.metadata = metadata
     mlflow_model.save(os.path.join(path, MLMODEL_FILE_NAME))
     _write_environment(path, get_default_pip_requirements(variants),
-                       pip_requirements, extra_pip_requirements)
+                       pip_requirements, extra_pip_requirements, conda_env)
     if _payload_run_id and mlflow_model.model_id:
         _anchor(path, mlflow_model.model_id)
     return mlflow_model
@@ -325,18 +349,38 @@ def _mlflow_signature(sig) -> ModelSignature:
     return ModelSignature(inputs=schema(sig.inputs), outputs=schema(sig.outputs))
 
 
-def _write_environment(path, default_reqs, pip_requirements, extra_pip_requirements):
+def _digests(path: str, relative: list) -> dict:
+    """{path: sha256} of every file under the given model-relative files or folders."""
+    found = {}
+    for rel in filter(None, relative):
+        target = Path(path, rel)
+        for file in sorted([target] if target.is_file() else target.rglob("*")):
+            if file.is_file():
+                found[file.relative_to(path).as_posix()] = sha256_file(file)
+    return found
+
+
+def _write_environment(path, default_reqs, pip_requirements, extra_pip_requirements, conda_env=None):
     import yaml
 
-    conda_env, reqs, constraints = _process_pip_requirements(
-        default_reqs, pip_requirements, extra_pip_requirements
-    )
+    if conda_env is not None:
+        conda_env, reqs, constraints = _process_conda_env(conda_env)
+    else:
+        conda_env, reqs, constraints = _process_pip_requirements(
+            default_reqs, pip_requirements, extra_pip_requirements
+        )
     with open(os.path.join(path, _CONDA_ENV_FILE_NAME), "w") as f:
         yaml.safe_dump(conda_env, stream=f, default_flow_style=False)
     if constraints:
         write_to(os.path.join(path, _CONSTRAINTS_FILE_NAME), "\n".join(constraints))
     write_to(os.path.join(path, _REQUIREMENTS_FILE_NAME), "\n".join(reqs))
     _PythonEnv.current().to_yaml(os.path.join(path, _PYTHON_ENV_FILE_NAME))
+
+
+# Keywords log_model passes on untouched: MLflow's Model.log options and the MLflow flavor
+# conventions save_model takes.
+_LOG_MODEL_EXTRAS = {"artifact_path", "conda_env", "code_paths", "extra_files", "resources", "auth_policy",
+                     "prompts", "model_type", "step", "model_id"}
 
 
 def log_model(
@@ -373,6 +417,10 @@ def log_model(
     """
     from mlflow_chimera.tracking import record_variants
 
+    unknown = sorted(set(kwargs) - _LOG_MODEL_EXTRAS)
+    if unknown:
+        raise MlflowException(f"mlflow.chimera.log_model got unexpected keyword argument(s) {unknown}",
+                              error_code=INVALID_PARAMETER_VALUE)
     check_request(backends, precisions)
     _default_model_config(precisions, model_config)  # refuse a bad one before anything is logged
     own_run = mlflow.active_run() is None

@@ -52,3 +52,12 @@ def cached_files(cache_dir) -> set:
     remembered anchors aside)."""
     return {p.name for p in Path(cache_dir).rglob("*")
             if p.is_file() and p.name not in ("variant.json", "variant.sig") and p.parent.name != "anchors"}
+
+
+def assert_fastest_or_tied(chosen: str, explanation: str, p50s: dict) -> str:
+    """The loader chose the fastest of ``p50s`` ({variant id: p50}), or a variant that ties
+    with it within the measurement noise and says so in ``explain()``. Returns the fastest."""
+    fastest = min(p50s, key=p50s.get)
+    if chosen != fastest:
+        assert f"ties with {fastest}" in explanation, explanation
+    return fastest

@@ -178,3 +178,44 @@ def test_unknown_backend_is_a_clear_error(tracking_uri):
     with pytest.raises(ValueError, match="backend 'tensorrtx' is not registered.*onnxruntime"):
         mlflow.chimera.log_model(models.mlp(), name="bad-backend", input_example=models.examples()["mlp"],
                                  backends=["tensorrtx"])
+
+
+def test_mlflow_flavor_conventions_conda_env_code_paths_and_extra_files(tmp_path):
+    from mlflow_chimera.manifest import sha256_file
+
+    helper = tmp_path / "chimera_test_helper.py"
+    helper.write_text("ANSWER = 42\n")
+    notes = tmp_path / "labels.txt"
+    notes.write_text("cat\ndog\n")
+    conda_env = {"name": "serve", "channels": ["conda-forge"],
+                 "dependencies": ["python=3.11", "pip", {"pip": ["mlflow-chimera", "onnxruntime==1.32.0"]}]}
+    path = tmp_path / "model"
+    mlflow.chimera.save_model(models.mlp(), str(path), input_example=models.examples()["mlp"],
+                              backends=["onnxruntime"], precisions=["fp32"], conda_env=conda_env,
+                              code_paths=[str(helper)], extra_files=[str(notes)])
+    mlmodel = yaml.safe_load((path / "MLmodel").read_text())
+    conf = mlmodel["flavors"]["chimera"]
+    assert (path / "code" / helper.name).read_text() == "ANSWER = 42\n"
+    assert mlmodel["flavors"]["python_function"]["code"] == "code"
+    assert conf["extra_files"] == [{"path": "extra_files/labels.txt"}]
+    assert (path / "extra_files" / "labels.txt").read_text() == "cat\ndog\n"
+    # Pinned by the manifest that the anchor covers.
+    assert conf["attached_files"] == {"code/chimera_test_helper.py": sha256_file(helper),
+                                      "extra_files/labels.txt": sha256_file(notes)}
+    assert "onnxruntime==1.32.0" in (path / "requirements.txt").read_text()
+    assert yaml.safe_load((path / "conda.yaml").read_text())["channels"] == ["conda-forge"]
+    assert mlflow.pyfunc.load_model(str(path)).predict(models.examples()["mlp"]).shape == (2, 10)
+
+
+def test_unknown_keyword_arguments_are_refused_before_anything_is_logged(tracking_uri, tmp_path):
+    runs_before = len(mlflow.search_runs(search_all_experiments=True))
+    with pytest.raises(mlflow.exceptions.MlflowException, match=r"unexpected keyword argument\(s\) \['backend'\]"):
+        mlflow.chimera.log_model(models.mlp(), name="typo", input_example=models.examples()["mlp"],
+                                 backend=["onnxruntime"])
+    assert len(mlflow.search_runs(search_all_experiments=True)) == runs_before
+    with pytest.raises(mlflow.exceptions.MlflowException, match=r"unexpected keyword argument\(s\) \['precision'\]"):
+        mlflow.chimera.save_model(models.mlp(), str(tmp_path / "m"), input_example=models.examples()["mlp"],
+                                  precision="fp32")
+    with pytest.raises(mlflow.exceptions.MlflowException, match="conda_env"):
+        mlflow.chimera.save_model(models.mlp(), str(tmp_path / "m2"), input_example=models.examples()["mlp"],
+                                  conda_env={"dependencies": []}, pip_requirements=["onnxruntime"])
