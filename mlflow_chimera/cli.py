@@ -31,6 +31,8 @@ from pathlib import Path
 import click
 
 from mlflow_chimera import __version__
+from mlflow_chimera.manifest import READY
+from mlflow_chimera.summary import STATUS_WORDS, parity_word
 
 RANK_BATCH = 1  # the batch size the variant table and selection compare at
 _URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
@@ -167,17 +169,6 @@ def _read_mlmodel(model_dir: Path, model_uri: str) -> tuple[dict, dict]:
 
 # -- chimera variants --------------------------------------------------------------------------
 
-_PARITY_WORDS = {"ready": "passed", "failed_parity": "FAILED", "build_failed": "build failed"}
-
-
-def _parity_word(v) -> str:
-    if v.status == "ready" and v.parity is None:
-        return "-"
-    if v.status == "ready" and not v.parity.passed:
-        return "FAILED"
-    return _PARITY_WORDS.get(v.status, v.status)
-
-
 def _p50(v, host_class: str, build_class: str | None) -> tuple[float | None, str | None]:
     """p50 at batch 1: measured on ``host_class`` if it was, else on the build host's class,
     else on any class; with the class it was measured on."""
@@ -263,7 +254,7 @@ def _variant_rows(model_dir: Path, conf: dict) -> tuple[list, str]:
             "precision": v.precision,
             "target": v.target,
             "built_on": build_class,
-            "parity": _parity_word(v),
+            "parity": parity_word(v),
             "max_abs_err": None if v.parity is None else v.parity.max_abs,
             "max_rel_err": None if v.parity is None else v.parity.max_rel,
             "tolerance": None if v.parity is None else v.parity.tolerance,
@@ -311,8 +302,8 @@ def variants(model_uri, as_json):
         size = _bytes(r["size_bytes"]) if r["size_note"] != "build failed" else "-"
         if r["size_note"] == "reference program":
             size += " (reference)"
-        status = {"ready": "ready", "failed_parity": "failed parity", "build_failed": "build failed"}.get(
-            r["status"], r["status"]) + (" (published)" if r["published"] else "")
+        status = ("ready" if r["status"] == READY else STATUS_WORDS.get(r["status"], r["status"])) + \
+            (" (published)" if r["published"] else "")
         here = f"#{r['rank_here']}" if r["rank_here"] else "no"
         body.append([r["id"], r["backend"], r["precision"], r["built_on"] or "?", r["parity"],
                      "-" if err is None or err != err else f"{err:.2g}", p50, size, status, here])

@@ -38,13 +38,12 @@ from mlflow_chimera.manifest import (
     sha256_file,
 )
 from mlflow_chimera.selection import RANK_BATCH
+from mlflow_chimera.summary import status_word
 
 REPORT_DIR = "report"
 HTML_NAME = "chimera-report.html"
 CHART_NAME = "chimera-latency.png"
 
-# How a variant's status reads to a person (tags, report, chart).
-STATUS_WORDS = {READY: "passed", FAILED_PARITY: "failed parity", BUILD_FAILED: "build failed"}
 
 
 @dataclass
@@ -80,11 +79,6 @@ class ModelFacts:
 
 def plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
-
-
-def status_word(variant: Variant) -> str:
-    """``passed`` / ``failed parity`` / ``build failed`` (the raw status for anything else)."""
-    return STATUS_WORDS.get(variant.status, variant.status)
 
 
 def p50(variant: Variant, host_class: str, batch: int = RANK_BATCH) -> float | None:

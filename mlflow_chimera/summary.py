@@ -2,7 +2,25 @@
 
 from __future__ import annotations
 
-_STATUS_WORDS = {"ready": "passed", "failed_parity": "FAILED", "build_failed": "build failed"}
+from mlflow_chimera.manifest import BUILD_FAILED, FAILED_PARITY, READY
+
+# How a variant's status reads to a person: tables, the report, tags, the chart. (The
+# registry plugin, which runs on tracking servers without this package, keeps its own copy.)
+STATUS_WORDS = {READY: "passed", FAILED_PARITY: "failed parity", BUILD_FAILED: "build failed"}
+
+
+def status_word(variant) -> str:
+    """``passed`` / ``failed parity`` / ``build failed`` (the raw status for anything else)."""
+    return STATUS_WORDS.get(variant.status, variant.status)
+
+
+def parity_word(variant) -> str:
+    """The parity column: the status word, or ``-`` for a ready variant that was never checked."""
+    if variant.status == READY and variant.parity is None:
+        return "-"
+    if variant.status == READY and not variant.parity.passed:
+        return STATUS_WORDS[FAILED_PARITY]
+    return status_word(variant)
 
 
 def _fmt_ms(value) -> str:
@@ -15,7 +33,7 @@ def variant_rows(variants: list, host_class: str, chosen_id: str | None = None) 
     rows = []
     for v in variants:
         bench = v.benchmark_for(host_class)
-        parity = _STATUS_WORDS.get(v.status, v.status) if v.status != "ready" or v.parity else "-"
+        parity = parity_word(v)
         rows.append({
             "variant": v.id,
             "backend": v.backend,

@@ -53,11 +53,11 @@ from mlflow_chimera.report import (
     fastest_by_host_class,
     p50,
     plural,
-    status_word,
     upload_report,
     variant_size,
 )
 from mlflow_chimera.selection import RANK_BATCH
+from mlflow_chimera.summary import status_word
 
 _logger = logging.getLogger("mlflow.chimera")
 
