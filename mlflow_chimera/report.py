@@ -303,23 +303,21 @@ def chart_order(facts: ModelFacts, host_class: str) -> list:
 def render_chart(facts: ModelFacts, path) -> None:
     """PNG: one horizontal bar panel per host class, a bar per variant and batch size (p50);
     parity-failed variants are hatched and labelled in red, build failures labelled."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    from matplotlib import pyplot as plt
+    # matplotlib's object API with its own Agg canvas: pyplot would switch (or need) the
+    # process-wide backend, which in a notebook is the user's, not ours.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     host_classes = facts.host_classes() or [facts.build_host_class]
     panels = [(h, _panel_variants(facts, h)) for h in host_classes]
     heights = [0.55 * max(1, len(variants)) + 1.4 for _, variants in panels]
-    fig, axes = plt.subplots(len(panels), 1, squeeze=False, figsize=(10, 0.4 + sum(heights)),
-                             gridspec_kw={"height_ratios": heights})
-    try:
-        for ax, (host_class, variants) in zip(axes[:, 0], panels):
-            _draw_panel(ax, facts, host_class, variants)
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-    finally:
-        plt.close(fig)
+    fig = Figure(figsize=(10, 0.4 + sum(heights)))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(panels), 1, squeeze=False, gridspec_kw={"height_ratios": heights})
+    for ax, (host_class, variants) in zip(axes[:, 0], panels):
+        _draw_panel(ax, facts, host_class, variants)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 def _batches(variants: list, host_class: str) -> list:

@@ -209,3 +209,18 @@ def test_someone_elses_description_is_kept(logged):
     assert client.get_run(info.run_id).data.tags["mlflow.note.content"] == "my notes on this run"
     assert client.get_logged_model(info.model_id).tags["mlflow.note.content"].startswith("**mlflow-chimera**")
     assert client.get_model_version(name, "1").description.startswith("**mlflow-chimera**")
+
+
+def test_drawing_the_chart_leaves_the_callers_matplotlib_backend_alone(facts, tmp_path):
+    """In a notebook the process-wide backend is the user's: the chart is drawn on its own Agg
+    canvas without switching it."""
+    import matplotlib
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # stands in for a notebook's inline backend
+    try:
+        report.render_chart(facts, tmp_path / "chart.png")
+        assert matplotlib.get_backend() == "svg"
+        assert (tmp_path / "chart.png").read_bytes().startswith(b"\x89PNG")
+    finally:
+        matplotlib.use(before)
