@@ -46,6 +46,7 @@ import mlflow_chimera
 from mlflow_chimera import backends as backend_registry
 from mlflow_chimera import host as host_mod
 from mlflow_chimera import reference
+from mlflow_chimera.batching import BatchingConfig
 from mlflow_chimera.capture import capture, eval_mode
 from mlflow_chimera.catalog import PAYLOAD_ROOT
 from mlflow_chimera.errors import NothingUsableError
@@ -66,7 +67,7 @@ from mlflow_chimera.manifest import (
 FLAVOR_NAME = "chimera"
 # Saved so that these keys can be overridden at load time (MLflow drops keys it did not save).
 DEFAULT_MODEL_CONFIG = {"variant": "auto", "backend": "auto", "precision": "auto", "accuracy": "auto",
-                        "max_abs_err": "auto"}
+                        "max_abs_err": "auto", "batching": "off"}
 
 
 def _default_model_config(precisions, model_config: dict | None = None) -> dict:
@@ -83,6 +84,7 @@ def _default_model_config(precisions, model_config: dict | None = None) -> dict:
     config.update(model_config or {})
     try:
         check_config(config)
+        BatchingConfig.from_setting(config["batching"], reference.MAX_BATCH)
     except ValueError as exc:
         raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from exc
     return config

@@ -12,6 +12,7 @@ from mlflow.exceptions import MlflowException
 from mlflow_chimera import backends as backend_registry
 from mlflow_chimera import host as host_mod
 from mlflow_chimera.backends.base import LoadContext
+from mlflow_chimera.batching import BatchingConfig, DynamicBatcher
 from mlflow_chimera.cache import CACHE_ENV, CacheError, CacheSpaceError, fetch_dir
 from mlflow_chimera import trust as trust_mod
 from mlflow_chimera.catalog import read_catalog, verify_checks
@@ -40,8 +41,10 @@ class ChimeraModel:
     """The variant this host runs, with the model's signature and the selection decision."""
 
     def __init__(self, variant: Variant, runner, signature: Signature, decision: Decision,
-                 variants: list):
+                 variants: list, batching: BatchingConfig | None = None):
         self.variant = variant
+        # Concurrent predict calls merged into batches (batching.py), when switched on.
+        self.batcher = DynamicBatcher(runner.run, batching) if batching else None
         self.variants = variants  # every variant of the model, chosen or not
         self.runner = runner
         self.signature = signature
@@ -65,7 +68,8 @@ class ChimeraModel:
     def predict(self, data):
         """Run the chosen variant. Takes an array (single-input models), a dict of arrays keyed
         by input name, or a pandas DataFrame; returns an array, or a dict for several outputs."""
-        outputs = self.runner.run(self._named_inputs(data))
+        named = self._named_inputs(data)
+        outputs = self.batcher.submit(named) if self.batcher else self.runner.run(named)
         if self._structure == "tensor":
             return outputs[0]
         return dict(zip(self._output_names, outputs))
@@ -178,6 +182,7 @@ def load(model_dir, flavor_conf: dict, model_config: dict | None = None, source=
     """Rank the model's variants for this host and load the first that verifies and loads."""
     policy = policy or trust_mod.Policy.from_settings()
     source = source or trust_mod.requested_source()
+    batching = BatchingConfig.from_setting((model_config or {}).get("batching"), MAX_BATCH)
     catalog = read_catalog(model_dir, flavor_conf, policy=policy, source=source)
     verify_checks(Path(model_dir), flavor_conf)
     variants, context = catalog.variants, catalog.context
@@ -197,7 +202,7 @@ def load(model_dir, flavor_conf: dict, model_config: dict | None = None, source=
             continue
         decision.chosen = variant
         _logger.info("chimera: loaded variant %s (%s)", variant.id, catalog.how_trusted.get(variant.id, ""))
-        return ChimeraModel(variant, runner, context.signature, decision, variants)
+        return ChimeraModel(variant, runner, context.signature, decision, variants, batching)
     raise NoVariantError(f"no variant of this model can run on this host{_cache_cause(cache_errors)}.\n"
                          + decision.explain(), decision)
 

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mlflow_chimera"
 # Lowest first. A module may import modules of its own layer or of layers below it.
 LAYERS = [
     # records and facts: no chimera imports that reach higher
-    ["errors", "manifest", "host", "signing", "summary", "compile", "compile.timing", "_alias"],
+    ["errors", "manifest", "host", "signing", "summary", "compile", "compile.timing", "batching", "_alias"],
     # files on disk and in the tracking store
     ["reference", "cache", "tracking_reads"],
     # backends (each a builder and a loader behind base.py) and what builds on them alone
