@@ -9,6 +9,7 @@ from pathlib import Path
 
 FLAVOR_LABELS = {"chimera": "mlflow.chimera", "chimera_fp32": "mlflow.chimera (fp32)",
                  "chimera_ort": "mlflow.chimera (backend onnxruntime)",
+                 "chimera_batched": "mlflow.chimera, dynamic batching (max 32, 2 ms)",
                  "pytorch": "mlflow.pytorch (pt2)", "onnx": "mlflow.onnx",
                  "floor_python": "floor: python + numpy", "floor_import_mlflow": "floor: import mlflow",
                  "floor_resolve_uri": "floor: import mlflow + resolve/download models:/ URI"}

@@ -87,7 +87,7 @@ PRESETS = {
         "quiet": {"max_wait_s": 20, "threshold_cores": 0.25, "retries": 1, "total_wait_s": 180},
         "chimera_backends": None,  # every backend this host can build
         "cold_start": {"models": ["mlp", "cnn", "transformer", "bert"], "rounds": 3, "warmup": True},
-        "serving": {"models": ["mlp", "cnn", "transformer", "bert"], "concurrency": [1, 8],
+        "serving": {"models": ["mlp", "cnn", "transformer", "bert"], "concurrency": [1, 8, 32],
                     "seconds_per_level": 1.5, "rounds": 3, "max_requests": 20000, "warmup_requests": 50},
     },
 }

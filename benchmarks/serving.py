@@ -35,6 +35,11 @@ from benchmarks.common import QUIET_ENV, BackgroundLoad, first_output
 
 STARTUP_TIMEOUT_S = 180
 REQUEST_TIMEOUT_S = 30
+# The contenders: (which logged model, SERVING_MODEL_CONFIG). chimera_batched is the same
+# chimera model served with dynamic batching on (mlflow_chimera/batching.py).
+BATCHING = {"max_batch_size": 32, "max_delay_ms": 2}
+CONTENDERS = {"chimera": ("chimera", None), "chimera_batched": ("chimera", {"batching": BATCHING}),
+              "pytorch": ("pytorch", None), "onnx": ("onnx", None)}
 
 
 def _free_port() -> int:
@@ -178,6 +183,31 @@ def closed_loop(port: int, body: bytes, concurrency: int, seconds: float, max_re
     return {"latencies": latencies, "errors": errors, "elapsed": time.perf_counter() - started}
 
 
+def _batched_vs_unbatched(batched: Server, plain: Server, spec, requests: int = 16) -> float:
+    """Send ``requests`` different inputs (batch 1 to 4) to the batched server at once and to
+    the unbatched one in turn; the largest difference between the answers."""
+    bodies = [json.dumps({"inputs": spec.make_input(1 + i % 4, 100 + i).tolist()}).encode() for i in range(requests)]
+    answers = [None] * requests
+
+    def ask(i):
+        answers[i] = batched.post(bodies[i])
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(requests)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(REQUEST_TIMEOUT_S)
+    worst = 0.0
+    for body, answer in zip(bodies, answers):
+        status, content = answer or (None, b"")
+        if status != 200:
+            raise RuntimeError(f"batched server answered {status}: {content[:300]!r}")
+        expected = first_output(json.loads(plain.post(body)[1])["predictions"])
+        got = first_output(json.loads(content)["predictions"])
+        worst = max(worst, float(np.max(np.abs(got.astype(np.float64) - expected.astype(np.float64)))))
+    return worst
+
+
 def measure(spec, logged: dict, tracking_uri: str, *, concurrency: list, seconds_per_level: float,
             rounds: int, max_requests: int, warmup_requests: int, expected_fn=None) -> dict:
     """Serve every flavor of one model and load them in interleaved rounds."""
@@ -186,8 +216,9 @@ def measure(spec, logged: dict, tracking_uri: str, *, concurrency: list, seconds
     servers, out = {}, {"payload_bytes": len(body), "workers": 1, "concurrency": list(concurrency),
                         "rounds": rounds, "seconds_per_level": seconds_per_level, "flavors": {}}
     try:
-        for flavor in ("chimera", "pytorch", "onnx"):
-            server = Server(logged[flavor]["uri"], tracking_uri)
+        for flavor, (source, serving_config) in CONTENDERS.items():
+            extra = {"SERVING_MODEL_CONFIG": json.dumps(serving_config)} if serving_config else None
+            server = Server(logged[source]["uri"], tracking_uri, extra_env=extra)
             servers[flavor] = server
             server.wait_ready()
             status, content = server.post(body)
@@ -201,9 +232,11 @@ def measure(spec, logged: dict, tracking_uri: str, *, concurrency: list, seconds
             for _ in range(warmup_requests):
                 server.post(body)
             entry["rss_mb"] = server.rss_mb()
-            if flavor == "chimera":
+            if source == "chimera":
                 entry["variant"] = server.loaded_variant()
             out["flavors"][flavor] = entry
+        out["flavors"]["chimera_batched"]["max_abs_diff_vs_unbatched"] = _batched_vs_unbatched(
+            servers["chimera_batched"], servers["chimera"], spec)
         samples = {f: {c: {"latencies": [], "errors": [], "elapsed": 0.0} for c in concurrency} for f in servers}
         names = list(servers)
         with BackgroundLoad(exclude_pids=[s.proc.pid for s in servers.values()]) as background:
