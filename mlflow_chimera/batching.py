@@ -55,7 +55,7 @@ class BatchingConfig:
         return cls(size, delay)
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the queue removes *this* request, never compares arrays
 class _Request:
     inputs: dict  # {name: ndarray}, checked, batch first
     rows: int
@@ -99,10 +99,21 @@ class DynamicBatcher:
 
     def _loop(self) -> None:
         while True:
-            batch = self._next_batch()
+            try:
+                batch = self._next_batch()
+            except BaseException as exc:  # noqa: BLE001 - a bug here must not strand every caller
+                self._fail_waiting(exc)
+                continue
             if batch is None:
                 return
             self._execute(batch)
+
+    def _fail_waiting(self, exc: BaseException) -> None:
+        with self._cond:
+            waiting, self._queue = list(self._queue), deque()
+        for request in waiting:
+            if not request.future.done():
+                request.future.set_exception(exc)
 
     def _next_batch(self) -> list | None:
         """The oldest request and those that can join it, waiting up to ``max_delay_ms`` from

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import mlflow
@@ -44,7 +45,7 @@ def test_concurrent_callers_are_merged_and_each_gets_its_own_rows(mlp_path):
         return batched.predict(x)
 
     with ThreadPoolExecutor(24) as pool:
-        answers = list(pool.map(call, inputs))
+        answers = [f.result(timeout=60) for f in [pool.submit(call, x) for x in inputs]]
     for x, answer in zip(inputs, answers):
         assert answer.shape == (x.shape[0], 10)
         np.testing.assert_allclose(answer, plain.predict(x), atol=1e-5, rtol=1e-5)
@@ -67,10 +68,38 @@ def test_a_malformed_request_fails_alone(mlp_path):
             return exc
 
     with ThreadPoolExecutor(9) as pool:
-        answers = list(pool.map(call, good + [bad]))
+        answers = [f.result(timeout=60) for f in [pool.submit(call, x) for x in good + [bad]]]
     assert isinstance(answers[-1], MlflowException) and "(2, 63)" in str(answers[-1])
     for x, answer in zip(good, answers):
         assert isinstance(answer, np.ndarray) and answer.shape == (x.shape[0], 10)
+
+
+def test_requests_with_equal_shapes_but_different_values_queue_and_merge():
+    """Regression: requests were compared by value when taken from the queue (numpy arrays of
+    different batch sizes cannot be compared), which killed the worker and left every caller
+    waiting."""
+    batcher = DynamicBatcher(lambda inputs: [inputs["x"] + 1], BatchingConfig(max_batch_size=16, max_delay_ms=50))
+    xs = [np.full((1 + i % 3, 4), float(i)) for i in range(12)]
+    start, answers = threading.Barrier(len(xs)), {}
+
+    def call(i):
+        start.wait()
+        answers[i] = batcher.submit({"x": xs[i]})[0]
+
+    # Daemon threads joined with a deadline: a stranded caller fails the test, never hangs it.
+    threads = [threading.Thread(target=call, args=(i,), daemon=True) for i in range(len(xs))]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        assert len(answers) == len(xs), f"{len(xs) - len(answers)} caller(s) never answered"
+        for i, x in enumerate(xs):
+            np.testing.assert_array_equal(answers[i], x + 1)
+        assert batcher.batches_run < len(xs)
+    finally:
+        batcher.close()
 
 
 def test_an_error_while_running_fails_only_the_callers_of_that_batch():
