@@ -13,9 +13,9 @@ Rules, in order:
    measured parity error is within that bound). ``{"backend": …}`` keeps only that backend's
    variants. :meth:`Decision.explain` says what each opt-in would gain.
 4. Candidates with a benchmark measured on *this host class* come first, fastest p50 at batch 1
-   first. Timings from other host classes are never compared. Figures closer than their
-   measurement noise are a tie, broken by load cost: a variant that needs no torch first, then
-   the faster to load.
+   first. Timings from other host classes are never compared. Figures closer than twice their
+   noise (and at most 5 % apart) are a tie, broken by load cost: a variant that needs no torch
+   first, then the faster to load.
 5. Candidates without such a measurement follow in the default order: backends in
    :data:`mlflow_chimera.backends.DEFAULT_ORDER` (ONNX Runtime, then the eager reference), fp32
    before lower precisions, default session options before alternatives.
@@ -186,8 +186,15 @@ def rank(variants: list, host, config: dict | None = None, refused: dict | None 
                     trust=trust, opt_ins=sorted(opt_ins, key=lambda o: o.p50_ms))
 
 
-# Two figures are a tie when they differ by less than this many standard errors.
+# Two figures are a tie when they differ by less than this many standard errors — and never
+# when they differ by more than MAX_TIE (a noisy measurement must not excuse a slow pick).
 TIE_STANDARD_ERRORS = 2.0
+MAX_TIE = 0.05
+
+
+def tie_band(noise_a: float, noise_b: float) -> float:
+    """The relative difference under which two figures with these noises are a tie."""
+    return min(TIE_STANDARD_ERRORS * max(noise_a, noise_b), MAX_TIE)
 
 
 def _break_ties(ranked: list) -> list:
@@ -197,7 +204,7 @@ def _break_ties(ranked: list) -> list:
     while rest:
         head = rest[0]
         tied = [c for c in rest
-                if c.p50_ms <= head.p50_ms * (1 + TIE_STANDARD_ERRORS * max(head.noise, c.noise))]
+                if c.p50_ms <= head.p50_ms * (1 + tie_band(head.noise, c.noise))]
         pick = min(tied, key=lambda c: (c.load_cost, c.p50_ms))
         if pick is not head:
             why = "needs no torch" if pick.load_cost[0] < head.load_cost[0] else "loads faster"

@@ -14,7 +14,7 @@ import models
 from mlflow_chimera import host as host_mod
 from mlflow_chimera.backends.openvino_backend import OpenVINOBackend
 from mlflow_chimera.runtime import read_variants
-from mlflow_chimera.selection import TIE_STANDARD_ERRORS, rank
+from mlflow_chimera.selection import rank, tie_band
 
 EXPECTED_BACKENDS = {"onnxruntime", "openvino", "aotinductor", "torch_compile", "eager"}
 
@@ -58,7 +58,7 @@ def _assert_fastest_or_tied(raw, fastest_id: str) -> None:
         return
     records = {v.id: v.benchmark_for(raw.decision.host_class) for v in raw.variants}
     chosen, fastest = records[raw.variant.id], records[fastest_id]
-    band = TIE_STANDARD_ERRORS * max(chosen.noise(1), fastest.noise(1))
+    band = tie_band(chosen.noise(1), fastest.noise(1))
     assert chosen.p50(1) <= fastest.p50(1) * (1 + band), raw.explain()
     assert f"ties with {fastest_id}" in raw.explain()
 

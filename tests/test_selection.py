@@ -153,6 +153,10 @@ def test_figures_within_measurement_noise_are_a_tie_won_by_the_variant_cheaper_t
     decision = rank(same, HOST)
     assert decision.candidates[0].variant.id == "onnxruntime-fp32-cpu-noopt"
     assert "loads faster" in decision.candidates[0].basis
+    # However noisy the figures, one more than 5 % slower is never a tie.
+    noisy = [_variant("eager-fp32-cpu", backend="eager", p50=0.090, noise=0.2),
+             _variant("onnxruntime-fp32-cpu", p50=0.100, noise=0.2)]
+    assert rank(noisy, HOST).candidates[0].variant.id == "eager-fp32-cpu"
     # Records without a noise figure (older chimera) rank by p50 alone.
     old = [_variant("eager-fp32-cpu", backend="eager", p50=0.099), _variant("onnxruntime-fp32-cpu", p50=0.100)]
     assert rank(old, HOST).candidates[0].variant.id == "eager-fp32-cpu"
