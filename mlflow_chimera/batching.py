@@ -61,6 +61,7 @@ class _Request:
     rows: int
     shape_key: tuple  # non-batch shapes and dtypes: requests with the same key can be merged
     future: Future
+    arrived: float  # time.monotonic() when it joined the queue
 
 
 class DynamicBatcher:
@@ -72,6 +73,7 @@ class DynamicBatcher:
         self._queue: deque = deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._forming: list = []  # requests taken off the queue for the batch being formed
         self.batches_run = 0  # for tests and monitoring: how many merged runs happened
         self._worker = threading.Thread(target=self._loop, name="chimera-batcher", daemon=True)
         self._worker.start()
@@ -82,7 +84,7 @@ class DynamicBatcher:
         if rows >= self.config.max_batch_size:
             return self._run(inputs)  # already a full batch: nothing to wait for
         key = tuple((name, a.dtype.str, a.shape[1:]) for name, a in sorted(inputs.items()))
-        request = _Request(inputs, rows, key, Future())
+        request = _Request(inputs, rows, key, Future(), time.monotonic())
         with self._cond:
             if self._closed:
                 raise RuntimeError("the batcher is closed")
@@ -110,7 +112,8 @@ class DynamicBatcher:
 
     def _fail_waiting(self, exc: BaseException) -> None:
         with self._cond:
-            waiting, self._queue = list(self._queue), deque()
+            waiting, self._queue = self._forming + list(self._queue), deque()
+            self._forming = []
         for request in waiting:
             if not request.future.done():
                 request.future.set_exception(exc)
@@ -124,8 +127,9 @@ class DynamicBatcher:
                     return None
                 self._cond.wait()
             first = self._queue.popleft()
-            batch, rows = [first], first.rows
-            deadline = time.monotonic() + self.config.max_delay_ms / 1000
+            batch, rows = self._forming, first.rows
+            batch.append(first)
+            deadline = first.arrived + self.config.max_delay_ms / 1000
             while rows < self.config.max_batch_size:
                 joined = self._take_matching(first.shape_key, self.config.max_batch_size - rows)
                 if joined is not None:
@@ -136,6 +140,7 @@ class DynamicBatcher:
                 if remaining <= 0 or self._closed:
                     break
                 self._cond.wait(remaining)
+            self._forming = []
             return batch
 
     def _take_matching(self, key: tuple, room: int) -> _Request | None:

@@ -229,8 +229,9 @@ def _read_tags(model_id: str) -> dict:
 
 
 def _merge_host_benchmarks(variants: list, model_dir: Path, model_trust: trust_mod.ModelTrust, local: bool) -> None:
-    """Add host benchmarks stored after logging, where trust lets them steer ranking. Per batch
-    size, a stored figure replaces the one recorded earlier for the same host class."""
+    """Add host benchmarks stored after logging, where trust lets them steer ranking. A stored
+    benchmark replaces, whole, a variant's figures recorded earlier for the same host class:
+    figures from two measurements (other runs, threads, noise) are never mixed in one record."""
     from mlflow_chimera.manifest import BENCHMARKS_DIR, Benchmark
 
     for path in sorted(Path(model_dir, BENCHMARKS_DIR).glob("*.json")):
@@ -241,12 +242,11 @@ def _merge_host_benchmarks(variants: list, model_dir: Path, model_trust: trust_m
                 _logger.warning("chimera: host benchmarks in %s are not anchored; they do not steer ranking", path.name)
                 continue
             per_variant = {vid: dict(entry["latency_ms"]) for vid, entry in record["variants"].items()}
-            how = {"threads": dict(record.get("threads") or {}), "method": str(record.get("method") or "")}
+            how = {"threads": dict(record.get("threads") or {}), "method": str(record.get("method") or ""),
+                   "measured_at": str(record.get("measured_at") or "")}
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue  # a malformed file only loses its own figures
         for v in variants:
             if v.id in per_variant:
-                earlier = v.benchmark_for(host_class)
-                latency = {**(earlier.latency_ms if earlier else {}), **per_variant[v.id]}
                 v.benchmarks = [b for b in v.benchmarks if b.host_class != host_class]
-                v.benchmarks.append(Benchmark(host_class, latency, tool="chimera.benchmark", **how))
+                v.benchmarks.append(Benchmark(host_class, per_variant[v.id], tool="chimera.benchmark", **how))

@@ -31,10 +31,9 @@ from pathlib import Path
 import click
 
 from mlflow_chimera import __version__
-from mlflow_chimera.manifest import READY
+from mlflow_chimera.manifest import RANK_BATCH, READY
 from mlflow_chimera.summary import STATUS_WORDS, parity_word
 
-RANK_BATCH = 1  # the batch size the variant table and selection compare at
 _URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 _LIBRARIES = ("torch", "onnxruntime", "onnxruntime-gpu", "onnx", "onnxscript", "openvino", "tensorrt",
               "mlflow", "numpy")
@@ -639,7 +638,7 @@ def prefetch(model_uri, cache_dir, everything, as_json):
     variant's backend needs it, the reference program. With --all, also every other ready
     variant that can run here (lossy precisions included). Serving hosts then read the cache
     (CHIMERA_CACHE_DIR, read-only is fine) without fetching."""
-    from mlflow_chimera import cache, runtime
+    from mlflow_chimera import cache
 
     if cache_dir:
         os.environ[cache.CACHE_ENV] = os.path.abspath(cache_dir)

@@ -30,6 +30,7 @@ CHECK_OUTPUTS = "reference/check_outputs.npz"
 VARIANTS_DIR = "variants"
 VARIANT_FILE = "variant.json"
 BENCHMARKS_DIR = "benchmarks"  # <host class>.json: figures stored after logging (host_benchmark.py)
+RANK_BATCH = 1  # the batch size selection and the variant table compare variants at
 
 # Variant status values.
 READY = "ready"

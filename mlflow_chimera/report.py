@@ -37,7 +37,7 @@ from mlflow_chimera.manifest import (
     Variant,
     sha256_file,
 )
-from mlflow_chimera.selection import RANK_BATCH
+from mlflow_chimera.manifest import RANK_BATCH
 from mlflow_chimera.summary import status_word
 
 REPORT_DIR = "report"

@@ -29,9 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mlflow_chimera import backends as backend_registry
-from mlflow_chimera.manifest import BUILD_FAILED, FAILED_PARITY, Variant
+from mlflow_chimera.manifest import BUILD_FAILED, FAILED_PARITY, RANK_BATCH, Variant
 
-RANK_BATCH = 1
 AUTO = "auto"
 _PRECISION_ORDER = ("fp32", "bf16", "fp16", "int8")
 

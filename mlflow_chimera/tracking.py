@@ -56,7 +56,7 @@ from mlflow_chimera.report import (
     upload_report,
     variant_size,
 )
-from mlflow_chimera.selection import RANK_BATCH
+from mlflow_chimera.manifest import RANK_BATCH
 from mlflow_chimera.summary import status_word
 
 _logger = logging.getLogger("mlflow.chimera")

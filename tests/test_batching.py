@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import mlflow
 import numpy as np
@@ -116,6 +116,36 @@ def test_an_error_while_running_fails_only_the_callers_of_that_batch():
         with pytest.raises(RuntimeError, match="runtime failure"):
             batcher.submit({"x": np.full((1, 3), -1.0)})
         np.testing.assert_array_equal(batcher.submit({"x": np.ones((2, 3))})[0], np.full((2, 3), 2.0))
+    finally:
+        batcher.close()
+
+
+def test_a_fault_while_forming_a_batch_fails_the_callers_it_took_instead_of_stranding_them():
+    """A bug in the worker's batch forming (forced here by a subclass: no real input makes it
+    fail) must answer the caller it already took off the queue, and the worker goes on."""
+    class Faulty(DynamicBatcher):
+        faults = 1
+
+        def _take_matching(self, key, room):
+            if self.faults:
+                self.faults -= 1
+                raise RuntimeError("fault while forming")
+            return super()._take_matching(key, room)
+
+    batcher = Faulty(lambda inputs: [inputs["x"] + 1], BatchingConfig(max_batch_size=8, max_delay_ms=0))
+    try:
+        outcome = Future()
+
+        def call():
+            try:
+                outcome.set_result(batcher.submit({"x": np.zeros((1, 2))}))
+            except Exception as exc:  # noqa: BLE001 - the test inspects it
+                outcome.set_exception(exc)
+
+        threading.Thread(target=call, daemon=True).start()
+        with pytest.raises(RuntimeError, match="fault while forming"):
+            outcome.result(timeout=10)
+        np.testing.assert_array_equal(batcher.submit({"x": np.ones((1, 2))})[0], np.full((1, 2), 2.0))
     finally:
         batcher.close()
 

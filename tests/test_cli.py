@@ -318,10 +318,6 @@ def test_compile_without_the_publish_module_exits_1(monkeypatch):
 
 
 def test_compile_publishes_new_variants_to_the_model(logged):
-    try:
-        import mlflow_chimera.publish  # noqa: F401
-    except ImportError:
-        pytest.skip("mlflow_chimera.publish not yet available")
     _, _, _, name = logged.get("mlp", backends=["eager"])
     uri = f"models:/{name}/1"
     result = invoke("compile", uri, "--backend", "onnxruntime", "--precision", "fp32", "--json")

@@ -48,3 +48,34 @@ def test_parallel_builds_give_the_same_variants(tracking_uri):
     assert set(variants) == {"onnxruntime-fp32-cpu", "onnxruntime-fp32-cpu-noopt", "onnxruntime-int8-cpu",
                              "eager-fp32-cpu"}
     assert all(v["status"] == "ready" for v in variants.values())
+
+
+def test_preloading_the_program_in_the_build_server_starts_no_threads_its_children_would_inherit(tmp_path):
+    """The build server loads the reference program once and forks a child per variant; a
+    thread pool started before the fork (OpenMP's, on the first op run) would be missing in the
+    children and can hang them. Loading must create the program, never run it."""
+    import subprocess
+    import sys
+    import textwrap
+
+    import torch
+
+    from mlflow_chimera.manifest import sha256_file
+
+    path = tmp_path / "program.pt2"  # large enough that running it uses the thread pool
+    torch.export.save(torch.export.export(torch.nn.Linear(2048, 2048).eval(), (torch.randn(2, 2048),)), str(path))
+    code = textwrap.dedent(f"""
+        import os, torch
+        from mlflow_chimera.compile import worker
+        torch.set_num_threads(2)
+        before = len(os.listdir("/proc/self/task"))
+        worker.preload_program({str(path)!r}, {sha256_file(path)!r})
+        after = len(os.listdir("/proc/self/task"))
+        worker.preloaded_program({str(path)!r}, {sha256_file(path)!r}).module()(torch.randn(2, 2048))
+        print(before, after, len(os.listdir("/proc/self/task")))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    before, after, ran = map(int, out.stdout.split()[-3:])
+    assert after == before, f"preloading started {after - before} thread(s)"
+    assert ran > before  # running it does start the pool: the check above can tell

@@ -91,7 +91,10 @@ def test_a_record_cannot_unpin_the_hint_or_add_compile_options(saved):
     pinned = good.options["config"]
     for config, match in (({"PERFORMANCE_HINT": "LATENCY"}, "INFERENCE_PRECISION_HINT None"),
                           ({**pinned, "INFERENCE_PRECISION_HINT": "bf16"}, "fp32 needs 'f32'"),
-                          ({**pinned, "CACHE_DIR": str(path)}, r"compile options \['CACHE_DIR'\]")):
+                          ({**pinned, "CACHE_DIR": str(path)}, r"compile options \['CACHE_DIR'\]"),
+                          ({**pinned, "NUM_STREAMS": "many"}, "NUM_STREAMS='many'; expected a whole number"),
+                          ({**pinned, "INFERENCE_NUM_THREADS": "-3"}, "expected 0 \\(automatic\\) or more"),
+                          ({**pinned, "PERFORMANCE_HINT": "FASTEST"}, "expected one of")):
         altered = dataclasses.replace(good, options={**good.options, "config": config})
         with pytest.raises(RuntimeError, match=match):
             OpenVINOBackend().load(altered, path / "variants" / good.id, context)

@@ -179,6 +179,7 @@ class OpenVINOBackend:
         if unknown or variant.options.get("device", DEVICE) != DEVICE:
             raise RuntimeError(f"{variant.id}: its record asks for compile options {unknown} or device "
                                f"{variant.options.get('device')!r}; only {list(_RECORD_OPTIONS)} on {DEVICE}")
+        _check_values(variant.id, config)
         wanted = config.get("INFERENCE_PRECISION_HINT")
         if wanted != _HINTS.get(variant.precision):
             raise RuntimeError(f"{variant.id}: its record asks for INFERENCE_PRECISION_HINT {wanted!r}; "
@@ -200,6 +201,28 @@ class OpenVINOBackend:
 
     def pip_requirements(self, variant) -> list:
         return [pin_requirement("openvino")]
+
+
+_PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
+
+
+def _check_values(variant_id: str, config: dict) -> None:
+    """Refuse, naming what was expected, thread and stream counts that are not whole numbers
+    from 0 (automatic) up, and unknown performance hints. (The CPU plugin itself lowers counts
+    above this host's cores.)"""
+    for key in ("INFERENCE_NUM_THREADS", "NUM_STREAMS"):
+        if key not in config:
+            continue
+        try:
+            count = int(config[key])
+        except ValueError:
+            raise RuntimeError(f"{variant_id}: its record sets {key}={config[key]!r}; expected a whole number") from None
+        if count < 0:
+            raise RuntimeError(f"{variant_id}: its record sets {key}={count}; expected 0 (automatic) or more")
+    hint = config.get("PERFORMANCE_HINT")
+    if hint is not None and hint not in _PERFORMANCE_HINTS:
+        raise RuntimeError(f"{variant_id}: its record sets PERFORMANCE_HINT={hint!r}; expected one of "
+                           f"{list(_PERFORMANCE_HINTS)}")
 
 
 _BF16_MISSING = f"bf16 needs a CPU with AVX512-BF16 or AMX (this host has none of {', '.join(BF16_ISA)})"
