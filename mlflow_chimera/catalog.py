@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlflow_chimera import backends as backend_registry
+from mlflow_chimera import remembered_models
 from mlflow_chimera import trust as trust_mod
 from mlflow_chimera.backends.base import LoadContext
 from mlflow_chimera.manifest import (
@@ -120,6 +121,8 @@ def read_catalog(model_dir, flavor_conf: dict, policy: trust_mod.Policy | None =
     source = source or trust_mod.Source(None)
     mlmodel = _mlmodel(model_dir)
     model_trust = trust_mod.check_model(mlmodel, flavor_conf, source, policy)
+    if model_trust.anchored and model_trust.anchor_read_now:
+        remembered_models.remember(source.uri, model_dir)
     run_id = mlmodel.get("run_id")
     context = LoadContext(model_dir=model_dir, signature=Signature.from_dict(flavor_conf["signature"]),
                           reference_sha256=trust_mod.check_sha(flavor_conf["reference"]["sha256"], "reference sha256"),

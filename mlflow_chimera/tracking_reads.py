@@ -18,7 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import threading
+import time
 from datetime import datetime, timezone
 
 from mlflow_chimera.errors import ChimeraError
@@ -26,6 +28,9 @@ from mlflow_chimera.errors import ChimeraError
 TIMEOUT_ENV = "CHIMERA_TRACKING_TIMEOUT"
 OFFLINE_ENV = "CHIMERA_OFFLINE"
 DEFAULT_TIMEOUT_S = 5.0
+DOWN_FOR_S = 30.0  # after a missed deadline, how long a store counts as down without asking again
+_down_until: dict = {}  # store URI -> time.monotonic() until which it counts as down
+_down_lock = threading.Lock()
 _ANCHORS = "anchors"
 
 
@@ -44,13 +49,23 @@ def timeout_s() -> float:
         return DEFAULT_TIMEOUT_S
 
 
-def bounded(fn, what: str):
+def bounded(fn, what: str, store_uri: str | None = None):
     """``fn()`` — a call to the tracking store — with a deadline. Raises
     :class:`TrackingUnavailable` when offline or when the deadline passes (the call is left to
     finish on a daemon thread, which never holds up the process's exit); ``fn``'s own errors
-    are raised as they are."""
+    are raised as they are.
+
+    A store that missed a deadline is taken as down for :data:`DOWN_FOR_S` seconds: reads of
+    it in that window fail at once, so one load pays one deadline, not one per read.
+    ``store_uri`` names the store (default: the current tracking URI)."""
     if offline():
         raise TrackingUnavailable(f"{OFFLINE_ENV}=1: {what} is not read from the tracking store")
+    store = store_uri or _tracking_uri()
+    with _down_lock:
+        down = _down_until.get(store, 0.0) > time.monotonic()
+    if down:
+        raise TrackingUnavailable(f"the tracking store {_redacted(store)} did not answer a read moments ago; "
+                                  f"{what} is not read from it")
     outcome = {}
 
     def call():
@@ -63,11 +78,24 @@ def bounded(fn, what: str):
     worker.start()
     worker.join(timeout_s())
     if worker.is_alive():
+        with _down_lock:
+            _down_until[store] = time.monotonic() + DOWN_FOR_S
         raise TrackingUnavailable(f"the tracking store did not answer within {timeout_s():g} s while reading "
                                   f"{what} ({TIMEOUT_ENV} sets the limit)")
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
+
+
+def _tracking_uri() -> str:
+    import mlflow
+
+    return mlflow.get_tracking_uri()
+
+
+def _redacted(uri: str) -> str:
+    """``uri`` without credentials (``https://user:secret@host`` → ``https://host``)."""
+    return re.sub(r"//[^/@]*@", "//", uri)
 
 
 # -- remembered anchors ---------------------------------------------------------------------------

@@ -222,6 +222,7 @@ class ModelTrust:
     anchored: bool  # the manifest matched an anchor outside the artifact store
     model_id: str | None = None
     logged_model_tags: dict = field(default_factory=dict)
+    anchor_read_now: bool = False  # the anchor came from the tracking store during this load
 
     def benchmark_usable(self, host_class: str, sha256: str, local: bool) -> bool:
         """Whether stored host benchmarks may steer ranking."""
@@ -241,9 +242,9 @@ def check_model(mlmodel: dict, flavor_conf: dict, source: Source, policy: Policy
         return ModelTrust(policy, how, anchored=False)
     try:
         model_id, tags = _read_anchor(source.uri, mlmodel)
-        read_from = f"the {ANCHOR_TAG} tag of logged model {model_id}"
+        read_from, read_now = f"the {ANCHOR_TAG} tag of logged model {model_id}", True
     except tracking_reads.TrackingUnavailable as exc:
-        model_id, tags, read_from = _remembered(source.uri, mlmodel, exc)
+        (model_id, tags, read_from), read_now = _remembered(source.uri, mlmodel, exc), False
     if policy.level == "digests":
         return ModelTrust(policy, f"trust=digests: {source.uri} checked against its own digests only",
                           anchored=False, model_id=model_id, logged_model_tags=tags)
@@ -259,10 +260,10 @@ def check_model(mlmodel: dict, flavor_conf: dict, source: Source, policy: Policy
         raise TrustError(f"{source.uri}: its MLmodel (manifest sha256 {actual[:12]}…) does not match the anchor "
                          f"recorded in the tracking store ({str(anchor)[:12]}…); the artifact store was changed "
                          "after logging — refusing every variant")
-    if read_from.startswith("the "):
+    if read_now:
         tracking_reads.remember_anchor(source.uri, model_id, tags)
     return ModelTrust(policy, f"anchored: manifest matches {read_from}", anchored=True, model_id=model_id,
-                      logged_model_tags=tags)
+                      logged_model_tags=tags, anchor_read_now=read_now)
 
 
 def _read_anchor(uri: str, mlmodel: dict) -> tuple[str, dict]:

@@ -19,7 +19,7 @@ LAYERS = [
     # records and facts: no chimera imports that reach higher
     ["errors", "manifest", "host", "signing", "summary", "compile", "compile.timing", "batching", "_alias"],
     # files on disk and in the tracking store
-    ["reference", "cache", "tracking_reads"],
+    ["reference", "cache", "tracking_reads", "remembered_models"],
     # backends (each a builder and a loader behind base.py) and what builds on them alone
     ["backends", "backends.base", "backends.torch_modules", "backends.torch_runner", "backends.onnx_runtime",
      "backends.openvino_backend", "backends.aotinductor", "backends.torch_compile", "backends.eager",
@@ -33,7 +33,7 @@ LAYERS = [
     # MLflow faces and workflows
     ["host_benchmark", "publish", "pyfunc", "flavor"],
     # entry points
-    ["cli", "demo", "_plugin"],
+    ["cli", "demo", "_plugin", "models_repository"],
 ]
 LAYER = {module: i for i, names in enumerate(LAYERS) for module in names}
 
