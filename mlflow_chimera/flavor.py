@@ -90,14 +90,48 @@ def _default_model_config(precisions, model_config: dict | None = None) -> dict:
     return config
 
 
-def get_default_pip_requirements(variants=()) -> list:
-    """This package plus what the ready variants' runtimes need (torch only for torch-based
-    variants)."""
+def get_default_pip_requirements(variants=(), find_links: str | None = None) -> list:
+    """This package plus what the ready variants' runtimes need, each pinned to the version
+    that built them: ``onnxruntime`` for ONNX Runtime variants, ``openvino`` for OpenVINO ones,
+    ``torch`` only for torch-based ones (eager, AOTInductor, torch.compile). Variants that are
+    not ready add nothing.
+
+    ``find_links``: a folder of the model directory holding a wheel of mlflow-chimera (the
+    ``code`` folder, when its wheel is one of ``code_paths``). It is written as ``--find-links``,
+    which pip resolves against the folder of ``requirements.txt``, so an environment built from
+    the model (``mlflow models build-docker``, ``--env-manager virtualenv``) installs
+    mlflow-chimera from the model itself, without a package index that has it.
+    """
     reqs = {f"mlflow-chimera=={mlflow_chimera.__version__}"}
     for v in variants:
         if v.status == READY:
             reqs.update(backend_registry.for_build(v.backend).pip_requirements(v))
-    return sorted(reqs)
+    return ([f"--find-links {find_links}"] if find_links else []) + sorted(reqs)
+
+
+def _chimera_wheels(code_paths) -> list:
+    """The wheels of mlflow-chimera among ``code_paths`` (files given directly). One of another
+    version than the running one, which builds the model and writes its records, is refused."""
+    from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
+
+    found = []
+    for code_path in code_paths or ():
+        name = os.path.basename(str(code_path))
+        if not name.endswith(".whl"):
+            continue
+        try:
+            project, version, _, _ = parse_wheel_filename(name)
+        except InvalidWheelFilename:
+            continue
+        if project != canonicalize_name("mlflow-chimera"):
+            continue
+        if str(version) != mlflow_chimera.__version__:
+            raise MlflowException(
+                f"code_paths holds {name}, but this model is built by mlflow-chimera "
+                f"{mlflow_chimera.__version__}; bundle the wheel of the version that builds it",
+                error_code=INVALID_PARAMETER_VALUE)
+        found.append(name)
+    return found
 
 
 def save_model(
@@ -152,7 +186,10 @@ def save_model(
         conda_env, code_paths, extra_files: as in MLflow's own flavors (``conda_env`` instead of
             ``pip_requirements``; ``code_paths`` are added to ``sys.path`` when the pyfunc loads;
             ``extra_files`` are stored under ``extra_files/``). Their sha256 digests are part of
-            the manifest that the ``chimera.anchor`` tag pins.
+            the manifest that the ``chimera.anchor`` tag pins. A wheel of mlflow-chimera given
+            in ``code_paths`` is what environments built from the model install (pip and
+            virtualenv ones, e.g. ``mlflow models build-docker``; see
+            :func:`get_default_pip_requirements`).
 
     Raises:
         CaptureError: the model cannot be captured, or its eager outputs cannot be served (NaN,
@@ -174,6 +211,7 @@ def save_model(
         raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from exc
     check_request(backends, precisions)
     pyfunc_config = _default_model_config(precisions, model_config)
+    bundled_wheels = _chimera_wheels(code_paths)
     path = os.path.abspath(path)
     _validate_and_prepare_target_save_path(path)
     mlflow_model = mlflow_model or Model()
@@ -247,8 +285,8 @@ def save_model(
     if metadata is not None:
         mlflow_model.metadata = metadata
     mlflow_model.save(os.path.join(path, MLMODEL_FILE_NAME))
-    _write_environment(path, get_default_pip_requirements(variants),
-                       pip_requirements, extra_pip_requirements, conda_env)
+    default_reqs = get_default_pip_requirements(variants, find_links=code_dir if bundled_wheels else None)
+    _write_environment(path, default_reqs, pip_requirements, extra_pip_requirements, conda_env)
     if _payload_run_id and mlflow_model.model_id:
         _anchor(path, mlflow_model.model_id)
     return mlflow_model

@@ -152,7 +152,7 @@ class AOTInductorBackend:
         return TorchRunner(compiled, context.signature, variant.requirements.get("device", "cpu"), serialize=True)
 
     def pip_requirements(self, variant) -> list:
-        return [pin_requirement("torch")]
+        return [pin_requirement("torch", variant)]
 
 
 _OBLIVIOUS_NOTE = ("compiled with torch.fx.experimental._config.backed_size_oblivious=True: without "

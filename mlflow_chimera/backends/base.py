@@ -115,11 +115,14 @@ def major_minor(version: str) -> str:
     return ".".join(version.split("+")[0].split(".")[:2])
 
 
-def pin_requirement(package: str) -> str:
-    """``package==<installed version>`` without a local label (``torch==2.13.0``)."""
+def pin_requirement(package: str, variant=None) -> str:
+    """``package==<version>`` without a local label (``torch==2.13.0``): the version that
+    built ``variant`` (its build host's packages, in its provenance), else the installed one."""
     from mlflow_chimera.host import installed_version
 
-    version = installed_version(package)
+    build_host = (variant.provenance or {}).get("build_host") if variant is not None else None
+    built = (build_host or {}).get("packages") or {}
+    version = built.get(package) or installed_version(package)
     return f"{package}=={version.split('+')[0]}" if version else package
 
 

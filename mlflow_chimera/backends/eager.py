@@ -56,5 +56,5 @@ class EagerBackend:
         return TorchRunner(program.module(), context.signature)
 
     def pip_requirements(self, variant) -> list:
-        return [pin_requirement("torch")]
+        return [pin_requirement("torch", variant)]
 

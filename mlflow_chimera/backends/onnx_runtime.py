@@ -207,7 +207,7 @@ class OnnxRuntimeBackend:
         return session
 
     def pip_requirements(self, variant) -> list:
-        return [pin_requirement("onnxruntime")]
+        return [pin_requirement("onnxruntime", variant)]
 
 
 # Operators only a quantised graph has. Their names are stored as plain strings in the ONNX

@@ -200,7 +200,7 @@ class OpenVINOBackend:
         return OpenVINORunner(compiled, [index[n] for n in context.signature.output_names])
 
     def pip_requirements(self, variant) -> list:
-        return [pin_requirement("openvino")]
+        return [pin_requirement("openvino", variant)]
 
 
 _PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")

@@ -149,4 +149,4 @@ class TorchCompileBackend:
         return TorchRunner(compiled, context.signature, serialize=True)
 
     def pip_requirements(self, variant) -> list:
-        return [pin_requirement("torch")]
+        return [pin_requirement("torch", variant)]
