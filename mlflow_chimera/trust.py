@@ -143,9 +143,10 @@ class Source:
 
 def requested_source(explicit_uri: str | None = None) -> Source:
     """The URI the model was asked for: given explicitly, declared by ``CHIMERA_MODEL_URI``, the
-    ``model_uri`` of the ``mlflow.pyfunc.load_model`` call this load runs under, or the ``-m``
+    ``model_uri`` of the ``mlflow.pyfunc.load_model`` call this load runs under, the ``-m``
     of the ``mlflow models serve`` process this server runs under (which hands its workers only
-    a downloaded copy)."""
+    a downloaded copy), or the URI a ``mlflow.pyfunc.spark_udf`` was made for (whose executors
+    load only a copy the driver downloaded)."""
     if explicit_uri:
         return Source(str(explicit_uri))
     if os.environ.get(MODEL_URI_ENV):
@@ -156,9 +157,34 @@ def requested_source(explicit_uri: str | None = None) -> Source:
                 "mlflow.pyfunc", "mlflow_chimera.flavor"):
             uri = frame.f_locals.get("model_uri")
             if isinstance(uri, str):
-                return Source(_served_uri(uri) or uri)
+                return Source(_served_uri(uri) or _spark_udf_uri(frame, uri) or uri)
         frame = frame.f_back
     return Source(None)
+
+
+def _spark_udf_uri(load_frame, local: str) -> str | None:
+    """Under ``mlflow.pyfunc.spark_udf``, the URI the UDF was made for, when this load is the
+    UDF's own load of its model. spark_udf downloads ``models:/…`` on the driver and has each
+    executor load that local copy (or, on a cluster, an extracted archive of it through
+    ``SparkModelCache``), so without this an executor would load a model reached through the
+    tracking store as a plain local directory: no anchor check and no published variants.
+    The URI is read from the UDF's closure (``model_uri``) only when ``load_model`` was called
+    by the UDF itself (through MLflow's tracing decorator, and ``SparkModelCache.get_or_load``
+    on a cluster); a model loaded by another model's own code inside a UDF keeps its own source."""
+    if _REMOTE.match(local) and not local.startswith("file:"):
+        return None
+    caller = load_frame.f_back
+    for _ in range(4):
+        if caller is None:
+            return None
+        module = str(caller.f_globals.get("__name__"))
+        if module == "mlflow.pyfunc" and caller.f_code.co_name == "udf":
+            uri = caller.f_locals.get("model_uri")
+            return uri if isinstance(uri, str) and uri != local else None
+        if not (module.startswith("mlflow.tracing") or module == "mlflow.pyfunc.spark_model_cache"):
+            return None
+        caller = caller.f_back
+    return None
 
 
 def _served_uri(local: str) -> str | None:

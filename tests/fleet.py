@@ -48,10 +48,13 @@ print(json.dumps({{"variant": raw.variant.id, "explain": raw.explain(),
 
 
 def cached_files(cache_dir) -> set:
-    """Names of the payload files in a chimera cache (variant records, their signatures and
-    remembered anchors aside)."""
-    return {p.name for p in Path(cache_dir).rglob("*")
-            if p.is_file() and p.name not in ("variant.json", "variant.sig") and p.parent.name != "anchors"}
+    """Names of the payload files in a chimera cache (variant records, their signatures,
+    remembered anchors and remembered model directories aside)."""
+    root = Path(cache_dir)
+    remembered = root / "models"
+    return {p.name for p in root.rglob("*")
+            if p.is_file() and p.name not in ("variant.json", "variant.sig") and p.parent.name != "anchors"
+            and not p.is_relative_to(remembered)}
 
 
 def assert_fastest_or_tied(chosen: str, explanation: str, p50s: dict) -> str:
