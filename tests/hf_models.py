@@ -13,7 +13,7 @@ would pass by keyword, as numpy arrays:
   ``{"input_values": float32 [batch, samples]}`` (Wav2Vec2).
 
 ``ARCHITECTURES`` maps a name to a spec with ``family``, ``build``, ``example``
-and ``fast`` (exactly three entries are fast: the quickest to export).
+and ``fast`` (exactly one entry, BERT, runs in the fast test tier; the full suite runs all).
 """
 
 from __future__ import annotations
@@ -231,7 +231,7 @@ ARCHITECTURES: "OrderedDict[str, Spec]" = OrderedDict(
                 "vision transformer",
                 _builder(transformers.ViTModel, transformers.ViTConfig, **_VIT),
                 _image(),
-                fast=True,
+                fast=False,
             ),
         ),
         (
@@ -306,7 +306,7 @@ ARCHITECTURES: "OrderedDict[str, Spec]" = OrderedDict(
                     layer_type="basic",
                 ),
                 _image(),
-                fast=True,
+                fast=False,
             ),
         ),
         (
@@ -380,4 +380,4 @@ ARCHITECTURES: "OrderedDict[str, Spec]" = OrderedDict(
     ]
 )
 
-assert sum(spec.fast for spec in ARCHITECTURES.values()) == 3
+assert sum(spec.fast for spec in ARCHITECTURES.values()) == 1

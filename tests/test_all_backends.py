@@ -80,6 +80,7 @@ def test_compiler_provenance_is_recorded(everything, tmp_path):
     assert set(compiled.provenance) >= {"triton_version", "device", "compile_options"}
 
 
+@pytest.mark.slow  # builds an AOTInductor variant (~12 s)
 def test_aotinductor_for_another_isa_or_torch_is_rejected_with_the_reason(logged, tmp_path):
     info, _, _, name = logged.get("mlp", backends=["aotinductor"], precisions=["fp32"])
     local = mlflow.artifacts.download_artifacts(f"models:/{name}/1", dst_path=str(tmp_path))
@@ -103,6 +104,7 @@ def test_aotinductor_for_another_isa_or_torch_is_rejected_with_the_reason(logged
     assert "this host is aarch64" in rank(variants, arm).rejected[aoti.id]
 
 
+@pytest.mark.slow  # times every variant again
 def test_benchmark_on_this_host_is_stored_and_used_for_ranking(logged, tmp_path):
     info, _, _, name = logged.get("mlp")
     result = mlflow_chimera_benchmark(f"models:/{name}/1")

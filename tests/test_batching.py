@@ -19,13 +19,15 @@ import servers
 from mlflow_chimera.batching import BatchingConfig, DynamicBatcher
 
 BATCHING = {"max_batch_size": 32, "max_delay_ms": 20}
+# The batcher sits above the runner; each kind of runner is checked under it.
+BACKENDS = ["onnxruntime", "openvino", "eager"]
 
 
 @pytest.fixture(scope="module")
 def mlp_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("batching") / "mlp"
     mlflow.chimera.save_model(models.mlp(), str(path), input_example=models.examples()["mlp"],
-                              backends=["onnxruntime"], precisions=["fp32"])
+                              backends=BACKENDS, precisions=["fp32"])
     return path
 
 
@@ -34,9 +36,11 @@ def _requests(n: int) -> list:
     return [models.examples(batch=1 + i % 5, seed=100 + i)["mlp"] for i in range(n)]
 
 
-def test_concurrent_callers_are_merged_and_each_gets_its_own_rows(mlp_path):
-    plain = mlflow.pyfunc.load_model(str(mlp_path))
-    batched = mlflow.pyfunc.load_model(str(mlp_path), model_config={"batching": BATCHING})
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_concurrent_callers_are_merged_and_each_gets_its_own_rows(mlp_path, backend):
+    plain = mlflow.pyfunc.load_model(str(mlp_path), model_config={"backend": backend})
+    batched = mlflow.pyfunc.load_model(str(mlp_path), model_config={"backend": backend, "batching": BATCHING})
+    assert batched.get_raw_model().variant.backend == backend
     inputs = _requests(24)
     start = threading.Barrier(24)
 

@@ -317,6 +317,7 @@ def test_compile_without_the_publish_module_exits_1(monkeypatch):
     assert "not available" in one_line_error(result.stderr)
 
 
+@pytest.mark.slow  # compiles and publishes a variant
 def test_compile_publishes_new_variants_to_the_model(logged):
     _, _, _, name = logged.get("mlp", backends=["eager"])
     uri = f"models:/{name}/1"
@@ -346,6 +347,7 @@ def chimera_script():
     return path
 
 
+@pytest.mark.slow  # ~10 s: the installed script in subprocesses
 def test_installed_script(chimera_script, mlp, tracking_uri):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     run = lambda *args: subprocess.run([chimera_script, *args], capture_output=True, text=True,  # noqa: E731

@@ -20,7 +20,8 @@ def _as_list(pred) -> list:
     return list(pred.values()) if isinstance(pred, dict) else [pred]
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", [pytest.param(k, marks=pytest.mark.slow) if k in ("cnn", "transformer") else k
+                                  for k in KINDS])  # the CNN and transformer take ~8 s each to log
 def test_pyfunc_predicts_like_eager_torch_at_several_batches(logged, kind):
     info, model, _, name = logged.get(kind)
     pyfunc_model = mlflow.pyfunc.load_model(f"models:/{name}/1")

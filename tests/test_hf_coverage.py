@@ -42,6 +42,7 @@ def test_model_is_handed_back_in_the_mode_it_came_in(tracking_uri):
     assert {name: p.requires_grad for name, p in model.named_parameters()} == requires_grad
 
 
+@pytest.mark.slow  # ~10 s: logs a transformers model
 def test_dynamic_sequence_axis_serves_other_lengths_within_the_models_range(tracking_uri):
     import mlflow
     import numpy as np

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import mlflow
 import numpy as np
+import pytest
 
 import models
 
 
+@pytest.mark.slow  # ~25 s: waits out a build timeout
 def test_crash_and_hang_fail_only_their_own_variants(tracking_uri):
     model = models.mlp()
     info = mlflow.chimera.log_model(
@@ -40,6 +42,7 @@ def test_crash_and_hang_fail_only_their_own_variants(tracking_uri):
     np.testing.assert_allclose(loaded.predict(x), models.eager_outputs(model, x)[0], atol=1e-4)
 
 
+@pytest.mark.slow  # logs the same model twice
 def test_parallel_builds_give_the_same_variants(tracking_uri):
     info = mlflow.chimera.log_model(models.mlp(), name="parallel", input_example=models.examples()["mlp"],
                                     precisions=["fp32", "int8"], backends=["onnxruntime", "eager"],

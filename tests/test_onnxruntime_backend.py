@@ -29,6 +29,7 @@ class KeywordOnly(torch.nn.Module):
         return self.fc(x) * scale
 
 
+@pytest.mark.slow  # ~30 s: exports and builds a model of its own
 def test_keyword_only_inputs_round_trip(tracking_uri):
     model = KeywordOnly().eval()
     rng = np.random.default_rng(0)

@@ -55,7 +55,7 @@ def _hint(loaded) -> str:
     return loaded.get_raw_model().runner.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
 
 
-@pytest.mark.parametrize("kind", ["cnn", "transformer"])
+@pytest.mark.parametrize("kind", ["cnn", pytest.param("transformer", marks=pytest.mark.slow)])
 def test_fp32_variant_passes_fp32_parity_with_the_precision_hint_pinned(saved, kind):
     path = saved(kind)
     v = _record(path, "openvino-fp32-cpu")

@@ -64,6 +64,7 @@ def test_check_cases_cover_generated_inputs_and_boundary_batches():
     assert case_inputs(example, {"label": "example", "batch": 2}) is example
 
 
+@pytest.mark.slow  # logs a model of its own
 def test_forced_parity_failure_is_recorded_and_never_selected(tracking_uri):
     model = models.mlp()
     info = mlflow.chimera.log_model(

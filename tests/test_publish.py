@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import mlflow
 import numpy as np
+import pytest
 from mlflow.tracking import MlflowClient
 
 import models
@@ -23,6 +24,7 @@ def _log_int8_only(name):
     return model
 
 
+@pytest.mark.slow  # ~25 s: four host processes
 def test_two_publishers_racing_lose_nothing_and_compiling_again_is_idempotent(tracking_uri, tmp_path):
     name = "race"
     model = _log_int8_only(name)
@@ -61,6 +63,7 @@ def test_two_publishers_racing_lose_nothing_and_compiling_again_is_idempotent(tr
         np.testing.assert_allclose(forced.predict(x), models.eager_outputs(model, x)[0], atol=1e-4)
 
 
+@pytest.mark.slow  # ~25 s: compile and load as other hosts
 def test_loader_picks_a_published_variant_and_fetches_only_it(tracking_uri, tmp_path):
     name = "fleet-local"
     _log_int8_only(name)

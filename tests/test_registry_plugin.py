@@ -261,6 +261,7 @@ def registered(server):
 # -- the checks --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a real mlflow server
 def test_ui_registration_copies_the_logged_models_chimera_tags(registered):
     logged_tags = _chimera(registered["logged"].tags)
     for key in ("chimera.reference_sha256", "chimera.variants", "chimera.build_host_class",
@@ -281,6 +282,7 @@ def test_ui_registration_copies_the_logged_models_chimera_tags(registered):
         assert registered["ui"].get("description") == note
 
 
+@pytest.mark.slow  # a real mlflow server
 def test_python_client_registration_by_artifact_location(registered):
     logged_tags = _chimera(registered["logged"].tags)
     version_tags = _chimera(registered["client"]["tags"])
@@ -290,10 +292,12 @@ def test_python_client_registration_by_artifact_location(registered):
     assert set(version_tags) == set(logged_tags) - {"chimera.host_class"}
 
 
+@pytest.mark.slow  # a real mlflow server
 def test_version_from_a_version_gets_its_chimera_tags(registered):
     assert _chimera(registered["promoted"]["tags"]) == _chimera(registered["ui"]["tags"])
 
 
+@pytest.mark.slow  # a real mlflow server
 def test_flavor_only_model_gets_the_facts_its_mlmodel_states(registered):
     assert not any(k in registered["copy_logged"].tags
                    for k in ("chimera.reference_sha256", "chimera.variants"))
@@ -303,6 +307,7 @@ def test_flavor_only_model_gets_the_facts_its_mlmodel_states(registered):
     assert version_tags == {k: logged_tags[k] for k in keys}  # same facts, same format as the library's
 
 
+@pytest.mark.slow  # a real mlflow server
 def test_non_chimera_model_gets_no_chimera_tags(registered):
     # The LoggedModel was created in this process, where mlflow_chimera's run context provider
     # tags every LoggedModel with chimera.host_class (unless CHIMERA_DISABLE_RUN_TAGS is set):
@@ -311,6 +316,7 @@ def test_non_chimera_model_gets_no_chimera_tags(registered):
     assert not (registered["plain"].get("description") or "").startswith("**mlflow-chimera**")
 
 
+@pytest.mark.slow  # a real mlflow server
 def test_server_never_imported_torch_onnxruntime_or_the_library(server, registered):
     assert server["proc"].poll() is None, server["log"].read_text()[-3000:]
     attempts = [json.loads(line) for line in server["blocked_log"].read_text().splitlines() if line]

@@ -21,7 +21,7 @@ import requests
 import models
 import servers
 
-pytestmark = pytest.mark.serve
+pytestmark = [pytest.mark.serve, pytest.mark.slow]  # every test here starts a server
 
 STARTUP_TIMEOUT_S = 120
 REQUEST_TIMEOUT_S = 30
