@@ -208,6 +208,35 @@ def _batched_vs_unbatched(batched: Server, plain: Server, spec, requests: int = 
     return worst
 
 
+def mlflow_request_handling_ms(model_uri: str, body: bytes, answer: list, repeats: int = 15) -> float:
+    """Median time MLflow's scoring server spends on one request outside ``predict``: its own
+    ``invocations`` (parse the JSON, check it against the signature, write the JSON answer)
+    called in this process with a model that returns ``answer`` at once. Every flavor pays it,
+    on the GIL; dynamic batching cannot merge it away."""
+    from mlflow.models import Model
+    from mlflow.pyfunc import scoring_server
+
+    metadata = Model.load(model_uri)
+    output = np.asarray(answer, dtype=np.float32)
+
+    class Answering:
+        def __init__(self):
+            self.metadata = metadata
+
+        def predict(self, data, params=None):
+            return output
+
+    model, schema = Answering(), metadata.get_input_schema()
+    times = []
+    for _ in range(repeats + 2):
+        t0 = time.perf_counter()
+        response = scoring_server.invocations(body, "application/json", model, schema)
+        times.append(time.perf_counter() - t0)
+        if getattr(response, "status", 200) != 200:
+            raise RuntimeError(f"invocations answered {response.status}: {str(response.response)[:300]}")
+    return float(np.median(times[2:]) * 1e3)
+
+
 def measure(spec, logged: dict, tracking_uri: str, *, concurrency: list, seconds_per_level: float,
             rounds: int, max_requests: int, warmup_requests: int, expected_fn=None) -> dict:
     """Serve every flavor of one model and load them in interleaved rounds."""
@@ -234,6 +263,9 @@ def measure(spec, logged: dict, tracking_uri: str, *, concurrency: list, seconds
             entry["rss_mb"] = server.rss_mb()
             if source == "chimera":
                 entry["variant"] = server.loaded_variant()
+            if flavor == "chimera":
+                out["mlflow_request_handling_ms"] = mlflow_request_handling_ms(
+                    logged[source]["uri"], body, first_output(prediction))
             out["flavors"][flavor] = entry
         out["flavors"]["chimera_batched"]["max_abs_diff_vs_unbatched"] = _batched_vs_unbatched(
             servers["chimera_batched"], servers["chimera"], spec)

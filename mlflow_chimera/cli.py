@@ -30,7 +30,7 @@ from pathlib import Path
 
 import click
 
-from mlflow_chimera import __version__
+from mlflow_chimera import FLAVOR_NAME, __version__
 from mlflow_chimera.manifest import RANK_BATCH, READY
 from mlflow_chimera.summary import STATUS_WORDS, parity_word
 
@@ -159,7 +159,7 @@ def _read_mlmodel(model_dir: Path, model_uri: str) -> tuple[dict, dict]:
     if not path.is_file():
         raise ValueError(f"{model_uri} is not an MLflow model (no MLmodel file in it)")
     doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    conf = (doc.get("flavors") or {}).get("chimera")
+    conf = (doc.get("flavors") or {}).get(FLAVOR_NAME)
     if conf is None:
         raise ValueError(f"{model_uri} is not a chimera model; its flavors are "
                          f"{sorted(doc.get('flavors') or {})}")

@@ -64,7 +64,7 @@ from mlflow_chimera.manifest import (
     variant_dir,
 )
 
-FLAVOR_NAME = "chimera"
+FLAVOR_NAME = mlflow_chimera.FLAVOR_NAME  # one home: the package root, importable without MLflow
 # Saved so that these keys can be overridden at load time (MLflow drops keys it did not save).
 DEFAULT_MODEL_CONFIG = {"variant": "auto", "backend": "auto", "precision": "auto", "accuracy": "auto",
                         "max_abs_err": "auto", "batching": "off"}

@@ -20,6 +20,7 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
+from mlflow_chimera import FLAVOR_NAME
 from mlflow_chimera.manifest import BENCHMARKS_DIR
 
 
@@ -60,7 +61,7 @@ def _benchmark_local(model_uri: str, local: str, batches, timing, store: bool) -
 
     from mlflow_chimera.trust import Source
 
-    conf = _get_flavor_configuration(model_path=local, flavor_name="chimera")
+    conf = _get_flavor_configuration(model_path=local, flavor_name=FLAVOR_NAME)
     variants, context = runtime.read_variants(local, conf, source=Source(None if os.path.isdir(model_uri) else model_uri))
     host = host_mod.fingerprint()
     decision = rank(variants, host, {"precision": "any"})  # time every ready variant, lossy ones too

@@ -24,6 +24,7 @@ import json
 import tempfile
 from pathlib import Path
 
+from mlflow_chimera import FLAVOR_NAME
 from mlflow_chimera.catalog import PAYLOAD_ROOT, PUBLISHED_TAG_PREFIX, published_entries
 
 
@@ -49,7 +50,7 @@ def resolve_model(model_uri: str):
     if not model_id:
         raise ValueError(f"{model_uri} is not a logged model (no model id in its MLmodel); "
                          "compile needs a model logged to a tracking store")
-    if "chimera" not in model.flavors:
+    if FLAVOR_NAME not in model.flavors:
         raise ValueError(f"{model_uri} is not a chimera model (flavors: {sorted(model.flavors)})")
     return model, model_id
 
@@ -82,7 +83,7 @@ def compile_model(model_uri: str, backends=None, precisions=None, tolerances: di
     check_request(backends, precisions)
     say = progress or (lambda message: None)
     model, model_id = resolve_model(model_uri)
-    conf = model.flavors["chimera"]
+    conf = model.flavors[FLAVOR_NAME]
     client = MlflowClient()
     logged_model = client.get_logged_model(model_id)
     existing = set(conf["variants"]) | set(published_entries(logged_model.tags)[0])

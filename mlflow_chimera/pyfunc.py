@@ -7,11 +7,13 @@ keeps no per-call state.
 
 from __future__ import annotations
 
+import inspect
+
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.utils.model_utils import _get_flavor_configuration
 
-from mlflow_chimera import runtime
+from mlflow_chimera import FLAVOR_NAME, runtime
 
 
 class ChimeraPyfunc:
@@ -30,6 +32,11 @@ class ChimeraPyfunc:
         return self._model
 
 
+# MLflow's PyFuncModel asks inspect.signature(predict) on every call (does it take params?);
+# a stored signature answers without parsing the function each time.
+ChimeraPyfunc.predict.__signature__ = inspect.signature(ChimeraPyfunc.predict)
+
+
 def _load_pyfunc(path, model_config=None) -> ChimeraPyfunc:
     """Load the fastest valid variant of the chimera model at ``path`` for this host.
 
@@ -37,7 +44,7 @@ def _load_pyfunc(path, model_config=None) -> ChimeraPyfunc:
     lower accuracy with ``{"precision": …}``, ``{"accuracy": "any"}`` or ``{"max_abs_err": …}``
     ("auto" means the default; see :mod:`mlflow_chimera.selection`).
     """
-    conf = _get_flavor_configuration(model_path=path, flavor_name="chimera")
+    conf = _get_flavor_configuration(model_path=path, flavor_name=FLAVOR_NAME)
     try:
         return ChimeraPyfunc(runtime.load(path, conf, model_config))
     except ValueError as exc:

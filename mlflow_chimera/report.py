@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import mlflow_chimera
+from mlflow_chimera import FLAVOR_NAME
 from mlflow_chimera.manifest import (
     BUILD_FAILED,
     FAILED_PARITY,
@@ -119,7 +120,7 @@ def facts_from_dir(model_dir, model_id: str | None = None, model_name: str | Non
     import yaml
 
     model_dir = Path(model_dir)
-    conf = yaml.safe_load((model_dir / "MLmodel").read_text())["flavors"]["chimera"]
+    conf = yaml.safe_load((model_dir / "MLmodel").read_text())["flavors"][FLAVOR_NAME]
     warnings = []
     variants = [_checked_variant(model_dir / VARIANTS_DIR / vid / VARIANT_FILE, entry, warnings)
                 for vid, entry in conf["variants"].items()]
@@ -181,7 +182,7 @@ def _download(artifact_location: str, path: str, dst: str) -> Path:
 def _download_flavor(artifact_location: str, dst: str) -> dict:
     import yaml
 
-    return yaml.safe_load(_download(artifact_location, "MLmodel", dst).read_text())["flavors"]["chimera"]
+    return yaml.safe_load(_download(artifact_location, "MLmodel", dst).read_text())["flavors"][FLAVOR_NAME]
 
 
 def _checked_variant(path: Path, summary: dict, warnings: list) -> Variant:

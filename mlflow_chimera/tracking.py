@@ -42,6 +42,7 @@ import time
 from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
+from mlflow_chimera import FLAVOR_NAME
 from mlflow_chimera.report import (
     CHART_NAME,
     HTML_NAME,
@@ -172,7 +173,7 @@ def record_variants(model_info, run_id: str, registered_model_name: str | None =
     """Write the report, then log metrics, tags and the description for a freshly logged
     chimera model (on the run, the logged model and, if registered, the model version)."""
     client = MlflowClient()
-    facts = facts_from_logged_model(model_info.model_id, flavor_conf=model_info.flavors["chimera"],
+    facts = facts_from_logged_model(model_info.model_id, flavor_conf=model_info.flavors[FLAVOR_NAME],
                                     client=client)
     try:
         upload_report(facts, client)

@@ -97,6 +97,7 @@ def _check_serving(name: str, sv: dict) -> None:
             for field in ("throughput_rps", "p50_ms", "p99_ms"):
                 _positive(level[field], f"{name} {flavor} c={c} {field}")
     assert isinstance(sv["flavors"]["chimera"]["variant"], str)
+    _positive(sv["mlflow_request_handling_ms"], f"{name} MLflow's request handling")
 
 
 @pytest.mark.slow

@@ -347,6 +347,19 @@ def plugin():
     return store
 
 
+def test_the_plugins_vocabulary_is_the_librarys(plugin):
+    """The plugin runs on tracking servers without the library, so it keeps its own copy of the
+    words, tag names and limits the library writes; this keeps the two from drifting."""
+    from mlflow_chimera import summary, tracking
+    from mlflow_chimera.flavor import FLAVOR_NAME
+
+    assert plugin.STATUS_WORDS == summary.STATUS_WORDS
+    assert plugin.TAG_PREFIX == tracking.TAG_PREFIX
+    assert plugin.DESCRIPTION_MARK == tracking.DESCRIPTION_MARK
+    assert plugin.MAX_TAG_VALUE == tracking.MAX_TAG_VALUE
+    assert plugin.FLAVOR == FLAVOR_NAME
+
+
 def test_tag_values_are_clipped_checked_and_request_tags_win(plugin):
     tags = plugin._valid_tags({"chimera.long": "x" * 6000, "chimera.kept": "v", "chimera.given": "copied",
                                "chimera.none": None, "bad/../key": "v"}, skip={"chimera.given"})
