@@ -330,7 +330,7 @@ def _targets_matrix(result: dict) -> list:
                 continue
             goal = goal if t["goal"].startswith("(") else t["goal"]
             value = t["measured"]
-            if "speed-up" in kind:
+            if "speed-up" in kind or "batching on / off" in kind:
                 shown = f"{value:.2f}×"
             elif "regret" in kind:
                 shown = f"{value:.3f}"
@@ -339,8 +339,8 @@ def _targets_matrix(result: dict) -> list:
             else:
                 shown = f"{value:+.3f} s"
             cells.append(shown + {True: " ✅", False: " ❌", None: ""}[t["met"]])
-        goals = {t["goal"] for t in rows if t["target"] == kind and not t["goal"].startswith("(")}
-        if len(goals) > 1:  # per-model goals (the speed-up): name each
+        goals = [t for t in rows if t["target"] == kind and not t["goal"].startswith("(")]
+        if len({t["goal"] for t in goals}) > 1 or len(goals) == 1 < len(models):  # per-model goals: name each
             goal = ", ".join(f"{t['model']} {t['goal']}" for t in rows
                              if t["target"] == kind and not t["goal"].startswith("("))
         lines.append(f"| {kind} | {goal} | " + " | ".join(cells) + " |")

@@ -27,6 +27,7 @@ from mlflow_chimera.manifest import (
     IntegrityError,
     Variant,
     check_variant_id,
+    read_mlmodel,
     sha256_file,
     variant_dir,
     verify_digests,
@@ -106,9 +107,7 @@ def verify_checks(model_dir: Path, flavor_conf: dict) -> None:
 
 
 def _mlmodel(model_dir: Path) -> dict:
-    import yaml
-
-    return yaml.safe_load(Path(model_dir, "MLmodel").read_text(encoding="utf-8")) or {}
+    return read_mlmodel(model_dir)
 
 
 def read_catalog(model_dir, flavor_conf: dict, policy: trust_mod.Policy | None = None,

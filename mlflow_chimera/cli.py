@@ -31,7 +31,7 @@ from pathlib import Path
 import click
 
 from mlflow_chimera import FLAVOR_NAME, __version__
-from mlflow_chimera.manifest import RANK_BATCH, READY
+from mlflow_chimera.manifest import RANK_BATCH, READY, read_mlmodel
 from mlflow_chimera.summary import STATUS_WORDS, parity_word
 
 _URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
@@ -153,12 +153,10 @@ def _local_model(model_uri: str):
 
 def _read_mlmodel(model_dir: Path, model_uri: str) -> tuple[dict, dict]:
     """(the MLmodel document, its chimera flavor configuration)."""
-    import yaml
-
     path = model_dir / "MLmodel"
     if not path.is_file():
         raise ValueError(f"{model_uri} is not an MLflow model (no MLmodel file in it)")
-    doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    doc = read_mlmodel(path)
     conf = (doc.get("flavors") or {}).get(FLAVOR_NAME)
     if conf is None:
         raise ValueError(f"{model_uri} is not a chimera model; its flavors are "
@@ -496,12 +494,10 @@ def _model_id(model_uri: str) -> str | None:
     import tempfile
 
     import mlflow
-    import yaml
-
     with tempfile.TemporaryDirectory(prefix="chimera-cli-") as tmp:
         path = mlflow.artifacts.download_artifacts(artifact_uri=model_uri.rstrip("/") + "/MLmodel",
                                                    dst_path=tmp)
-        return (yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}).get("model_id")
+        return read_mlmodel(path).get("model_id")
 
 
 @main.command()

@@ -60,6 +60,7 @@ from mlflow_chimera.manifest import (
     READY,
     REFERENCE_DIR,
     REFERENCE_PROGRAM,
+    read_mlmodel,
     sha256_file,
     variant_dir,
 )
@@ -305,12 +306,11 @@ def _sign_variants(model_dir: Path, variants: list, key: Path, reference_sha256:
 def _anchor(path: str, model_id: str) -> None:
     """Record the manifest's digest on the logged model in the tracking store — the anchor a
     loader checks the artifact store against. Written before the version is registered."""
-    import yaml
     from mlflow.tracking import MlflowClient
 
     from mlflow_chimera.trust import ANCHOR_TAG, manifest_digest
 
-    saved = yaml.safe_load(Path(path, MLMODEL_FILE_NAME).read_text(encoding="utf-8"))
+    saved = read_mlmodel(Path(path, MLMODEL_FILE_NAME))
     flavors = saved["flavors"]
     digest = manifest_digest(flavors[FLAVOR_NAME], flavors.get("python_function", {}).get("config"))
     MlflowClient().set_logged_model_tags(model_id, {ANCHOR_TAG: digest})

@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from mlflow_chimera import FLAVOR_NAME
-from mlflow_chimera.manifest import BENCHMARKS_DIR
+from mlflow_chimera.manifest import BENCHMARKS_DIR, read_mlmodel
 
 
 def benchmark_file(model_dir, host_class: str) -> Path:
@@ -100,10 +100,9 @@ def _store(result: dict, model_uri: str, local: str) -> None:
         path.parent.mkdir(exist_ok=True)
         path.write_text(json.dumps(result, indent=2), encoding="utf-8")
         return
-    import yaml
     from mlflow.tracking import MlflowClient
 
-    model_id = yaml.safe_load(Path(local, "MLmodel").read_text()).get("model_id")
+    model_id = read_mlmodel(local).get("model_id")
     if not model_id:
         raise ValueError(f"{model_uri} has no logged model id; benchmark a local copy instead")
     from mlflow_chimera.manifest import sha256_file

@@ -59,6 +59,8 @@ def remember(uri: str, model_dir: Path) -> None:
     entry = _entry(uri, registry)
     if Path(model_dir).resolve() == (entry / _COPY).resolve():
         return  # loaded from this very copy
+    if _same_model(entry / _COPY, Path(model_dir)):
+        return  # remembered already: the MLmodel (which pins every record by digest) is the same
     meta = _registered_meta(Path(model_dir))
     record = {"uri": uri, "registry_uri": registry, "model_name": meta.get("model_name"),
               "model_version": meta.get("model_version"),
@@ -93,6 +95,13 @@ def remembered(uri: str, registry: str) -> tuple[Path, dict] | None:
     if not isinstance(record, dict) or record.get("uri") != uri or not (copy / "MLmodel").is_file():
         return None
     return copy, record
+
+
+def _same_model(copy: Path, model_dir: Path) -> bool:
+    try:
+        return (copy / "MLmodel").read_bytes() == (model_dir / "MLmodel").read_bytes()
+    except OSError:
+        return False
 
 
 def _registered_meta(model_dir: Path) -> dict:

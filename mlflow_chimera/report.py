@@ -31,14 +31,15 @@ from mlflow_chimera import FLAVOR_NAME
 from mlflow_chimera.manifest import (
     BUILD_FAILED,
     FAILED_PARITY,
+    RANK_BATCH,
     READY,
     REFERENCE_PROGRAM,
-    VARIANT_FILE,
     VARIANTS_DIR,
+    VARIANT_FILE,
     Variant,
+    read_mlmodel,
     sha256_file,
 )
-from mlflow_chimera.manifest import RANK_BATCH
 from mlflow_chimera.summary import status_word
 
 REPORT_DIR = "report"
@@ -117,10 +118,8 @@ def facts_from_flavor(flavor_conf: dict, variants: list, **extra) -> ModelFacts:
 
 def facts_from_dir(model_dir, model_id: str | None = None, model_name: str | None = None) -> ModelFacts:
     """Facts of a chimera model directory on local disk (e.g. one written by ``save_model``)."""
-    import yaml
-
     model_dir = Path(model_dir)
-    conf = yaml.safe_load((model_dir / "MLmodel").read_text())["flavors"][FLAVOR_NAME]
+    conf = read_mlmodel(model_dir)["flavors"][FLAVOR_NAME]
     warnings = []
     variants = [_checked_variant(model_dir / VARIANTS_DIR / vid / VARIANT_FILE, entry, warnings)
                 for vid, entry in conf["variants"].items()]
@@ -180,9 +179,7 @@ def _download(artifact_location: str, path: str, dst: str) -> Path:
 
 
 def _download_flavor(artifact_location: str, dst: str) -> dict:
-    import yaml
-
-    return yaml.safe_load(_download(artifact_location, "MLmodel", dst).read_text())["flavors"][FLAVOR_NAME]
+    return read_mlmodel(_download(artifact_location, "MLmodel", dst))["flavors"][FLAVOR_NAME]
 
 
 def _checked_variant(path: Path, summary: dict, warnings: list) -> Variant:

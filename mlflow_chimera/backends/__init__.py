@@ -59,7 +59,9 @@ def _instantiate(spec: str, name: str):
 
 def get(name: str):
     """The registered backend called ``name``; anything else is refused with the known names."""
-    spec = registered().get(name)
+    # A built-in name wins over the entry-point group anyway, and scanning every installed
+    # distribution's entry points costs tens of milliseconds at each cold start.
+    spec = _BUILTIN.get(name) or registered().get(name)
     if spec is None:
         raise UnknownBackendError(f"backend {name!r} is not registered; registered backends: "
                                   f"{', '.join(registered())}")
@@ -69,6 +71,6 @@ def get(name: str):
 def for_build(name: str):
     """A backend to build with: a registered name, or ``"package.module:Class"`` (the caller's
     own code, on the caller's machine)."""
-    if name in registered() or ":" not in name:
+    if name in _BUILTIN or name in registered() or ":" not in name:
         return get(name)
     return _instantiate(name, name)
